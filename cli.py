@@ -1,0 +1,56 @@
+"""The one console script, ``tensorwire``: a table of subcommands, each owned by one part.
+
+Subcommands are imported lazily so that ``tensorwire infer`` never loads the
+server or torch, and ``tensorwire serve`` never loads the client.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+#: subcommand -> (module, function, one-line help). Each function takes the
+#: arguments after the subcommand and returns an exit code.
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "serve": ("tensorwire.server.cli", "main", "serve a model repository over gRPC (Open Inference Protocol)"),
+    "build-default-repo": (
+        "tensorwire.trainer.default_repo",
+        "main",
+        "train and publish the default digits models into a repository (used by 'make serve')",
+    ),
+}
+
+
+def register(name: str, module: str, function: str, help_text: str) -> None:
+    """Add a subcommand (parts call this only through the table above; kept for tests)."""
+    SUBCOMMANDS[name] = (module, function, help_text)
+
+
+def _usage() -> str:
+    width = max(len(name) for name in SUBCOMMANDS)
+    lines = [f"  {name:<{width}}  {help_text}" for name, (_, _, help_text) in sorted(SUBCOMMANDS.items())]
+    return "usage: tensorwire <command> [options]\n\ncommands:\n" + "\n".join(lines) + (
+        "\n\nRun 'tensorwire <command> --help' for a command's options."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if args[0] == "--version":
+        from tensorwire import __version__
+
+        print(__version__)
+        return 0
+    entry = SUBCOMMANDS.get(args[0])
+    if entry is None:
+        print(f"tensorwire: unknown command {args[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, function, _ = entry
+    return int(getattr(importlib.import_module(module), function)(args[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""The tensor codec: v2 protocol tensors <-> numpy arrays, shared by server and client.
+
+Wire rules (Open Inference Protocol): raw contents are little-endian and
+row-major; a BYTES tensor is its elements each prefixed by a 4-byte
+little-endian length; FP16 and BF16 travel raw only. Decoding fixed-size
+types is zero-copy (``np.frombuffer``): the arrays returned are read-only views
+of the message's bytes.
+
+numpy has no bfloat16: BF16 tensors decode to float32 (exact, the bf16 bits
+shifted into the high half) unless ``ml_dtypes`` is installed and its
+``bfloat16`` dtype is asked for; float32 arrays encode to BF16 with
+round-to-nearest-even when the caller names the datatype ``"BF16"``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from tensorwire.proto import inference_pb2 as pb
+
+#: v2 datatype name -> numpy dtype (little-endian). BF16 and BYTES are special.
+NUMPY_DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype("?"),
+    "UINT8": np.dtype("u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BF16": np.dtype("<u2"),  # bit patterns on the wire; see module docstring
+    "BYTES": np.dtype(object),
+}
+DATATYPES: tuple[str, ...] = tuple(NUMPY_DTYPES)
+
+#: Bytes per element on the wire (BYTES is variable).
+ELEMENT_SIZE: dict[str, int] = {
+    name: dtype.itemsize for name, dtype in NUMPY_DTYPES.items() if name != "BYTES"
+}
+
+#: Which InferTensorContents field carries each datatype (FP16/BF16: none).
+CONTENTS_FIELD: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+_LENGTH = struct.Struct("<I")
+
+
+class CodecError(ValueError):
+    """A tensor's bytes do not match its declared datatype and shape."""
+
+
+def element_count(shape: Sequence[int]) -> int:
+    """Number of elements in a tensor of ``shape``; rejects negative dimensions."""
+    count = 1
+    for dim in shape:
+        if dim < 0:
+            raise CodecError(f"shape {list(shape)} has a negative dimension; tensors sent must be concrete")
+        count *= int(dim)
+    return count
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """The v2 datatype name for a numpy array (object/str/bytes arrays are BYTES)."""
+    kind = array.dtype.kind
+    if kind in "OSU":
+        return "BYTES"
+    if array.dtype.name == "bfloat16":
+        return "BF16"
+    for name, dtype in NUMPY_DTYPES.items():
+        if name not in ("BF16", "BYTES") and array.dtype.newbyteorder("<") == dtype:
+            return name
+    raise CodecError(f"numpy dtype {array.dtype} has no v2 datatype")
+
+
+# ----------------------------------------------------------------- BYTES
+
+
+def _as_bytes(element: Any) -> bytes:
+    if isinstance(element, bytes):
+        return element
+    if isinstance(element, str):
+        return element.encode("utf-8")
+    if isinstance(element, (bytearray, memoryview, np.bytes_)):
+        return bytes(element)
+    raise CodecError(f"a BYTES element must be bytes or str, not {type(element).__name__}")
+
+
+def serialize_bytes_tensor(array: np.ndarray) -> bytes:
+    """Length-prefixed concatenation of a BYTES tensor's elements (row-major)."""
+    parts: list[bytes] = []
+    for element in np.asarray(array, dtype=object).ravel(order="C"):
+        data = _as_bytes(element)
+        parts.append(_LENGTH.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def deserialize_bytes_tensor(raw: bytes | memoryview, count: int) -> np.ndarray:
+    """Split length-prefixed BYTES raw contents into a flat object array of ``count`` bytes."""
+    view = memoryview(raw)
+    out = np.empty(count, dtype=object)
+    offset, total = 0, len(view)
+    for index in range(count):
+        if offset + 4 > total:
+            raise CodecError(
+                f"BYTES contents end after {index} of {count} elements (missing 4-byte length prefix)"
+            )
+        (length,) = _LENGTH.unpack_from(view, offset)
+        offset += 4
+        if offset + length > total:
+            raise CodecError(
+                f"BYTES element {index} declares {length} bytes but only {total - offset} remain"
+            )
+        out[index] = bytes(view[offset : offset + length])
+        offset += length
+    if offset != total:
+        raise CodecError(f"BYTES contents hold {total - offset} bytes after the {count} declared elements")
+    return out
+
+
+# ------------------------------------------------------------------ BF16
+
+
+def float32_to_bf16_bits(array: np.ndarray) -> np.ndarray:
+    """Round float32 values to bfloat16 (nearest-even) and return the 16-bit patterns."""
+    bits = np.ascontiguousarray(array, dtype="<f4").view("<u4")
+    nan = np.isnan(array)
+    rounding = ((bits >> 16) & 1) + 0x7FFF
+    rounded = ((bits + rounding) >> 16).astype("<u2")
+    if nan.any():
+        rounded[nan] = 0x7FC0
+    return rounded
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """Widen bfloat16 bit patterns to float32 (exact)."""
+    return (bits.astype("<u4") << 16).view("<f4")
+
+
+def _bf16_dtype() -> np.dtype | None:
+    try:
+        import ml_dtypes  # optional
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+# ---------------------------------------------------------------- decode
+
+
+def decode_raw(raw: bytes | memoryview, datatype: str, shape: Sequence[int], *, bf16_as: str = "float32") -> np.ndarray:
+    """Decode one tensor's raw contents; zero-copy for fixed-size types.
+
+    ``bf16_as`` is ``"float32"`` (default, exact widening), ``"bits"`` (uint16
+    patterns) or ``"bfloat16"`` (needs ``ml_dtypes``).
+    """
+    count = element_count(shape)
+    if datatype == "BYTES":
+        return deserialize_bytes_tensor(raw, count).reshape(tuple(shape))
+    dtype = NUMPY_DTYPES.get(datatype)
+    if dtype is None:
+        raise CodecError(f"unknown datatype {datatype!r}; expected one of {', '.join(DATATYPES)}")
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        raise CodecError(
+            f"{datatype} tensor of shape {list(shape)} needs {expected} bytes of raw contents, got {len(raw)}"
+        )
+    array = np.frombuffer(raw, dtype=dtype).reshape(tuple(shape))
+    if datatype == "BOOL" and array.size and np.frombuffer(raw, dtype="u1").max() > 1:
+        raise CodecError("BOOL raw contents may hold only the bytes 0 and 1")
+    if datatype == "BF16":
+        return _bf16_out(array, bf16_as)
+    return array
+
+
+def _bf16_out(bits: np.ndarray, bf16_as: str) -> np.ndarray:
+    if bf16_as == "bits":
+        return bits
+    if bf16_as == "bfloat16":
+        dtype = _bf16_dtype()
+        if dtype is None:
+            raise CodecError("bf16_as='bfloat16' needs the ml_dtypes package")
+        return bits.view(dtype)
+    return bf16_bits_to_float32(bits)
+
+
+def decode_contents(contents: pb.InferTensorContents, datatype: str, shape: Sequence[int]) -> np.ndarray:
+    """Decode typed ``InferTensorContents`` (copies: protobuf repeated fields are not buffers)."""
+    count = element_count(shape)
+    field = CONTENTS_FIELD.get(datatype)
+    if field is None:
+        if datatype in NUMPY_DTYPES:
+            raise CodecError(f"{datatype} tensors can only travel as raw contents")
+        raise CodecError(f"unknown datatype {datatype!r}; expected one of {', '.join(DATATYPES)}")
+    values = getattr(contents, field)
+    if len(values) != count:
+        raise CodecError(
+            f"{datatype} tensor of shape {list(shape)} needs {count} values in {field}, got {len(values)}"
+        )
+    if datatype == "BYTES":
+        array = np.empty(count, dtype=object)
+        array[:] = list(values)
+        return array.reshape(tuple(shape))
+    dtype = NUMPY_DTYPES[datatype]
+    if datatype not in ("BOOL", "FP32", "FP64"):
+        info = np.iinfo(dtype)
+        wide = np.asarray(values, dtype=np.int64 if info.min < 0 else np.uint64)
+        if wide.size and (wide.min() < info.min or wide.max() > info.max):
+            raise CodecError(f"{datatype} values in {field} fall outside [{info.min}, {info.max}]")
+        return wide.astype(dtype).reshape(tuple(shape))
+    return np.asarray(values, dtype=dtype).reshape(tuple(shape))
+
+
+# ---------------------------------------------------------------- encode
+
+
+def encode_raw(array: np.ndarray, datatype: str | None = None) -> tuple[str, list[int], bytes]:
+    """Encode an array as (datatype, shape, raw bytes).
+
+    ``datatype`` defaults to the array's own; ``"BF16"`` rounds float arrays to
+    bfloat16 (or takes ml_dtypes bfloat16 / uint16 bit arrays as they are).
+    """
+    array = np.asarray(array)
+    datatype = datatype or datatype_of(array)
+    shape = [int(dim) for dim in array.shape]
+    if datatype == "BYTES":
+        return datatype, shape, serialize_bytes_tensor(array)
+    if datatype == "BF16":
+        if array.dtype.name == "bfloat16" or array.dtype == np.dtype("<u2"):
+            bits = np.ascontiguousarray(array).view("<u2")
+        else:
+            bits = float32_to_bf16_bits(array.astype("<f4", copy=False))
+        return datatype, shape, bits.tobytes()
+    dtype = NUMPY_DTYPES.get(datatype)
+    if dtype is None:
+        raise CodecError(f"unknown datatype {datatype!r}; expected one of {', '.join(DATATYPES)}")
+    if array.dtype != dtype:
+        if array.dtype.kind in "OSU" or (array.dtype.kind == "f" and dtype.kind in "iub"):
+            raise CodecError(f"cannot send a {array.dtype} array as {datatype}")
+        array = array.astype(dtype)
+    return datatype, shape, np.ascontiguousarray(array).tobytes()
+
+
+def encode_contents(array: np.ndarray, datatype: str | None = None) -> tuple[str, list[int], pb.InferTensorContents]:
+    """Encode an array into typed ``InferTensorContents`` (for peers that do not read raw)."""
+    array = np.asarray(array)
+    datatype = datatype or datatype_of(array)
+    field = CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise CodecError(f"{datatype} tensors can only travel as raw contents")
+    contents = pb.InferTensorContents()
+    flat = array.ravel(order="C")
+    if datatype == "BYTES":
+        getattr(contents, field).extend(_as_bytes(element) for element in flat)
+    else:
+        getattr(contents, field).extend(flat.astype(NUMPY_DTYPES[datatype]).tolist())
+    return datatype, [int(dim) for dim in array.shape], contents
