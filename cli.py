@@ -13,6 +13,15 @@ import sys
 #: arguments after the subcommand and returns an exit code.
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("tensorwire.server.cli", "main", "serve a model repository over gRPC (Open Inference Protocol)"),
+    "fit": ("tensorwire.trainer.cli", "fit", "train a model with PyTorch DDP (torchrun-style launch)"),
+    "export": ("tensorwire.trainer.cli", "export", "export a checkpoint to TorchScript and ONNX, verified"),
+    "quantize": ("tensorwire.trainer.cli", "quantize", "INT8-quantize an ONNX model and report accuracy vs FP32"),
+    "publish": ("tensorwire.trainer.cli", "publish", "write a servable version into a model repository"),
+    "train": ("tensorwire.trainer.cli", "train", "fit, export, quantize and publish in one go"),
+    "infer": ("tensorwire.client.cli", "infer", "send an inference request from .npy/.npz/JSON files"),
+    "health": ("tensorwire.client.cli", "health", "check server and model liveness/readiness"),
+    "metadata": ("tensorwire.client.cli", "metadata", "show server or model metadata and config"),
+    "bench": ("tensorwire.loadtest.bench", "main", "closed-loop benchmark: throughput, latency, batch sizes"),
     "build-default-repo": (
         "tensorwire.trainer.default_repo",
         "main",

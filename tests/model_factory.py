@@ -1,0 +1,94 @@
+"""Small, real model files for tests: ONNX graphs built with onnx.helper, and Python models.
+
+Each builder writes ``<repo>/<name>/config.toml`` and ``<repo>/<name>/<version>/<file>``
+so that the server loads them exactly as it loads a trainer-published model.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import tomli_w
+from onnx import TensorProto, helper
+
+ONNX_TYPES = {
+    "BOOL": TensorProto.BOOL, "UINT8": TensorProto.UINT8, "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32, "UINT64": TensorProto.UINT64, "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16, "INT32": TensorProto.INT32, "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16, "FP32": TensorProto.FLOAT, "FP64": TensorProto.DOUBLE,
+    "BF16": TensorProto.BFLOAT16, "BYTES": TensorProto.STRING,
+}
+
+
+def write_config(repo: Path, name: str, config: dict[str, Any]) -> Path:
+    model_dir = Path(repo) / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.toml").write_text(tomli_w.dumps(config))
+    return model_dir
+
+
+def _save(model: onnx.ModelProto, repo: Path, name: str, version: int) -> Path:
+    path = Path(repo) / name / str(version) / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.opset_import[0].version = 17
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def _value(name: str, datatype: str, shape: list) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, ONNX_TYPES[datatype], shape)
+
+
+def onnx_identity(repo: Path, name: str = "identity", datatype: str = "FP32", dims: list[int] = (16,),
+                  max_batch_size: int = 64, version: int = 1, **config: Any) -> Path:
+    """OUTPUT0 = INPUT0, any datatype; batched when max_batch_size > 0."""
+    shape = (["batch"] if max_batch_size else []) + list(dims)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])], name,
+        [_value("INPUT0", datatype, shape)], [_value("OUTPUT0", datatype, shape)],
+    )
+    write_config(repo, name, {"backend": "onnxruntime", "max_batch_size": max_batch_size, **config})
+    return _save(helper.make_model(graph), repo, name, version)
+
+
+def onnx_add_sub(repo: Path, name: str = "add_sub", max_batch_size: int = 8, version: int = 1,
+                 datatype: str = "FP32", **config: Any) -> Path:
+    """OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1 on [batch, 16]."""
+    shape = (["batch"] if max_batch_size else []) + [16]
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+         helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"])],
+        name,
+        [_value("INPUT0", datatype, shape), _value("INPUT1", datatype, shape)],
+        [_value("OUTPUT0", datatype, shape), _value("OUTPUT1", datatype, shape)],
+    )
+    write_config(repo, name, {"backend": "onnxruntime", "max_batch_size": max_batch_size, **config})
+    return _save(helper.make_model(graph), repo, name, version)
+
+
+def onnx_gather(repo: Path, name: str = "lookup", max_batch_size: int = 16, version: int = 1,
+                **config: Any) -> Path:
+    """OUTPUT0[b] = TABLE[INDEX[b]] with a 10-entry table: an index >= 10 makes ORT raise."""
+    table = helper.make_tensor("TABLE", TensorProto.FLOAT, [10], np.arange(10, dtype=np.float32) * 10)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["TABLE", "INDEX"], ["OUTPUT0"], axis=0)], name,
+        [_value("INDEX", "INT64", ["batch", 1])], [_value("OUTPUT0", "FP32", ["batch", 1])],
+        initializer=[table],
+    )
+    write_config(repo, name, {"backend": "onnxruntime", "max_batch_size": max_batch_size, **config})
+    return _save(helper.make_model(graph), repo, name, version)
+
+
+def python_model(repo: Path, name: str, source: str, config: dict[str, Any], version: int = 1) -> Path:
+    """A Python-backend model: ``source`` defines ``class Model`` with ``execute(inputs) -> outputs``."""
+    write_config(repo, name, {"backend": "python", **config})
+    path = Path(repo) / name / str(version) / "model.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(source))
+    return path
