@@ -1,0 +1,162 @@
+"""Assemble and run the server: gRPC (inference, health, reflection), metrics, signals, drain.
+
+Shutdown (DESIGN §7): on SIGTERM/SIGINT readiness and health flip to
+NOT_SERVING first; the server keeps serving for ``drain_seconds`` so load
+balancers notice; then new inference is refused with UNAVAILABLE, everything
+accepted is finished (up to ``grace_seconds``), and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from prometheus_client import start_http_server
+
+from tensorwire.proto.service import SERVICE_NAME, standard_descriptor_pool
+from tensorwire.server.auth import TokenAuthInterceptor
+from tensorwire.server.manager import ModelManager
+from tensorwire.server.servicer import Servicer
+from tensorwire.server.stats import Metrics
+
+log = logging.getLogger("tensorwire.server")
+
+MAX_MESSAGE_BYTES = 2**31 - 1
+
+
+@dataclass
+class ServerSettings:
+    """Everything ``tensorwire serve`` can be told."""
+
+    repo: Path
+    host: str = "0.0.0.0"
+    grpc_port: int = 8001
+    metrics_port: int = 8002  # 0 disables the metrics endpoint
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # set: clients must present a certificate it signed (mutual TLS)
+    auth_token: str | None = None
+    drain_seconds: float = 2.0
+    grace_seconds: float = 30.0
+    poll_seconds: float = 0.0  # 0: explicit model control only
+
+
+def reflection_pool() -> descriptor_pool.DescriptorPool:
+    """Our service under its standard name, plus health and reflection, for server reflection."""
+    pool = descriptor_pool.DescriptorPool()
+    for file in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        pool.Add(proto)
+    proto = descriptor_pb2.FileDescriptorProto()
+    standard_descriptor_pool().FindFileContainingSymbol(SERVICE_NAME).CopyToProto(proto)
+    pool.Add(proto)
+    return pool
+
+
+class InferenceServer:
+    """One running tensorwire server."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.manager = ModelManager(settings.repo, self.metrics, settings.grace_seconds)
+        self.health = health.aio.HealthServicer()
+        self.servicer = Servicer(self.manager, on_repository_change=self._sync_health)
+        self._stopping = asyncio.Event()
+        self._server: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._health_names: set[str] = set()
+
+    def _build(self) -> grpc.aio.Server:
+        s = self.settings
+        interceptors = [TokenAuthInterceptor(s.auth_token)] if s.auth_token else []
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", s.max_message_bytes),
+                ("grpc.max_send_message_length", s.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        server.add_generic_rpc_handlers((self.servicer.generic_handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server, pool=reflection_pool()
+        )
+        address = f"{s.host}:{s.grpc_port}"
+        if s.tls_cert and s.tls_key:
+            credentials = grpc.ssl_server_credentials(
+                [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
+                root_certificates=s.tls_client_ca.read_bytes() if s.tls_client_ca else None,
+                require_client_auth=s.tls_client_ca is not None,
+            )
+            bound = server.add_secure_port(address, credentials)
+        else:
+            bound = server.add_insecure_port(address)
+        if not bound:
+            raise OSError(f"cannot listen on {address}")
+        return server
+
+    def _sync_health(self) -> None:
+        """Health statuses: '' and the service for the server; each model by name."""
+        serving = self.servicer.started and not self.servicer.draining
+        status = health_pb2.HealthCheckResponse
+        server_status = status.SERVING if serving else status.NOT_SERVING
+        loop = asyncio.get_running_loop()
+        updates = {"": server_status, SERVICE_NAME: server_status}
+        names = {name for name, *_ in self.manager.index(repository_models=False)}
+        for name in names | self._health_names:
+            ready = bool(self.manager.ready_versions(name)) and serving
+            updates[name] = status.SERVING if ready else status.NOT_SERVING
+        self._health_names |= names
+        for name, value in updates.items():
+            loop.create_task(self.health.set(name, value))
+
+    async def _health_loop(self) -> None:
+        while True:
+            self._sync_health()
+            await asyncio.sleep(1.0)
+
+    async def run(self) -> int:
+        """Serve until a signal; returns the process exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        if self.settings.metrics_port:
+            start_http_server(self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry)
+        self._server = self._build()
+        await self._server.start()
+        log.info("event=listening grpc=%s:%d metrics_port=%d tls=%s auth=%s", self.settings.host,
+                 self.settings.grpc_port, self.settings.metrics_port, bool(self.settings.tls_cert),
+                 bool(self.settings.auth_token))
+        await self.manager.load_all()
+        self.servicer.started = True
+        self._tasks.append(loop.create_task(self._health_loop()))
+        if self.settings.poll_seconds:
+            self._tasks.append(loop.create_task(self.manager.poll(self.settings.poll_seconds)))
+        log.info("event=ready models=%s", [f"{n}:{v}:{s}" for n, v, s, _ in self.manager.index()])
+        await self._stopping.wait()
+        await self.shutdown()
+        return 0
+
+    async def shutdown(self) -> None:
+        s = self.settings
+        log.info("event=draining drain_seconds=%.1f grace_seconds=%.1f", s.drain_seconds, s.grace_seconds)
+        self.servicer.draining = True
+        self._sync_health()
+        await asyncio.sleep(s.drain_seconds)  # still serving: let load balancers see NOT_SERVING
+        for task in self._tasks:
+            task.cancel()
+        await self.manager.drain_all(s.grace_seconds)
+        assert self._server is not None
+        await self._server.stop(grace=1.0)
+        log.info("event=stopped")

@@ -1,0 +1,88 @@
+"""ONNX Runtime backend: one InferenceSession per replica.
+
+The CUDA execution provider is asked for when the replica is placed on a GPU
+and this onnxruntime build has it; otherwise the replica runs on the CPU and
+says so in the log (onnxruntime-gpu falls back silently, so we check
+``get_providers()`` ourselves).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from tensorwire.server.backends.base import Placement, TensorInfo
+
+log = logging.getLogger("tensorwire.backend.onnxruntime")
+
+# ONNX Runtime type strings -> v2 datatypes.
+_ORT_TO_V2 = {
+    "tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64", "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
+    "tensor(bfloat16)": "BF16", "tensor(string)": "BYTES",
+}
+
+
+def _shape(dims: list) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in dims)
+
+
+def _infos(args: list) -> list[TensorInfo]:
+    infos = []
+    for arg in args:
+        datatype = _ORT_TO_V2.get(arg.type)
+        if datatype is None:
+            raise ValueError(f"tensor {arg.name!r} has type {arg.type}, which tensorwire cannot serve")
+        infos.append(TensorInfo(arg.name, datatype, _shape(arg.shape)))
+    return infos
+
+
+class OnnxRuntimeBackend:
+    """An ONNX model in ONNX Runtime."""
+
+    def __init__(self, path: Path, placement: Placement) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = placement.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        providers: list = ["CPUExecutionProvider"]
+        if placement.device.startswith("cuda"):
+            index = int(placement.device.split(":")[1]) if ":" in placement.device else 0
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+            else:
+                log.warning("event=cuda_unavailable model=%s detail='onnxruntime has no CUDA provider; running on CPU'", path)
+        self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        used = self._session.get_providers()
+        self.device = placement.device if used and used[0] == "CUDAExecutionProvider" else "cpu"
+        if placement.device != "cpu" and self.device == "cpu":
+            log.warning("event=cuda_fallback model=%s providers=%s", path, used)
+        self.inputs = _infos(self._session.get_inputs())
+        self.outputs = _infos(self._session.get_outputs())
+        self._string_inputs = {t.name for t in self.inputs if t.datatype == "BYTES"}
+        self._string_outputs = {t.name for t in self.outputs if t.datatype == "BYTES"}
+
+    def run(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        feeds = {}
+        for name, array in inputs.items():
+            if name in self._string_inputs:
+                # ONNX Runtime string tensors take str; bytes would become "b'...'".
+                array = np.vectorize(lambda b: b.decode("utf-8", "surrogateescape"), otypes=[object])(array)
+            feeds[name] = array
+        results = self._session.run(output_names, feeds)
+        out = {}
+        for name, value in zip(output_names, results, strict=True):
+            if name in self._string_outputs:
+                value = np.vectorize(lambda s: s.encode("utf-8", "surrogateescape"), otypes=[object])(value)
+            out[name] = value
+        return out
+
+    def close(self) -> None:
+        self._session = None

@@ -1,0 +1,301 @@
+"""The dynamic batcher: one per model version, living on the event loop (DESIGN §5).
+
+Work-conserving: whenever a replica is free and work is queued, a batch goes
+out at once, unless the arrival rate says that waiting (at most
+``max_queue_delay_us`` past the oldest request) will reach a preferred size.
+While every replica is busy, requests pile up and the next batch takes all
+that fits. So low load sees batch ≈ 1 with no added latency, and high load
+sees large batches with no timer in the way.
+
+Deadlines are enforced by timers, not when a batch finishes: an expired
+queued request is answered DEADLINE_EXCEEDED and is never executed; a
+cancelled one is dropped from the queue and never executed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tensorwire.proto.repository import DynamicBatching
+from tensorwire.server.errors import DeadlineExceededError, ModelUnavailableError, QueueFullError, ServingError
+from tensorwire.server.replicas import BatchOutcome, EncodedTensor, Replica, WorkItem
+from tensorwire.server.stats import ModelVersionStats
+
+QUEUED, RUNNING, DONE, CANCELLED, EXPIRED = "queued", "running", "done", "cancelled", "expired"
+
+
+@dataclass(eq=False)
+class InferenceRequest(WorkItem):
+    """A validated request waiting for, or in, a batch."""
+
+    request_id: str = ""
+    priority: int = 0  # queue index: 0 is the highest level
+    deadline: float | None = None  # event-loop time
+    shape_key: tuple = ()
+    future: asyncio.Future | None = None
+    arrival_ns: int = field(default_factory=time.perf_counter_ns)
+    state: str = QUEUED
+    timer: asyncio.TimerHandle | None = None
+    dispatch_ns: int = 0
+
+
+def shape_key(inputs: dict[str, np.ndarray], batched: bool) -> tuple:
+    """Requests may share a batch only when their non-batch shapes agree."""
+    return tuple((name, array.shape[1:] if batched else array.shape) for name, array in inputs.items())
+
+
+class DynamicBatcher:
+    """Queues, forms batches and hands them to idle replicas."""
+
+    def __init__(
+        self,
+        label: str,
+        max_batch_size: int,
+        settings: DynamicBatching,
+        replicas: Sequence[Replica],
+        stats: ModelVersionStats,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.label = label
+        self.max_batch_size = max(max_batch_size, 1)
+        self.combine = max_batch_size > 0 and settings.enabled
+        self.settings = settings
+        self.stats = stats
+        self._loop = loop
+        self._replicas = list(replicas)
+        self._idle: list[Replica] = list(reversed(self._replicas))
+        self._queues: list[deque[InferenceRequest]] = [deque() for _ in range(settings.priority_levels)]
+        self._queued = 0
+        self._running = 0
+        self._delay_ns = settings.max_queue_delay_us * 1000
+        targets = settings.preferred_batch_sizes or [self.max_batch_size]
+        self._preferred = sorted(set(targets))
+        self._preferred_set = set(settings.preferred_batch_sizes)
+        self._delay_timer: asyncio.TimerHandle | None = None
+        self._last_arrival_ns = 0
+        self._gap_ns = float("inf")  # moving average of the time between arrivals
+        self._accepting = True
+        self._idle_event = asyncio.Event()
+        self._idle_event.set()
+
+    # ------------------------------------------------------------ intake
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    @property
+    def in_flight(self) -> int:
+        return self._queued + self._running
+
+    def priority_index(self, priority: int) -> int:
+        """Map a request's priority (1 = highest, 0 = the model's default) to a queue index."""
+        if priority == 0:
+            priority = self.settings.default_priority_level or self.settings.priority_levels
+        return min(priority, self.settings.priority_levels) - 1
+
+    def submit(self, request: InferenceRequest) -> asyncio.Future:
+        """Admit a request; its future resolves to its encoded outputs or an error."""
+        if not self._accepting:
+            raise ModelUnavailableError(f"model {self.label} is unloading or the server is draining; retry elsewhere")
+        if self._queued >= self.settings.max_queue_size:
+            raise QueueFullError(
+                f"model {self.label} has {self._queued} requests queued (max_queue_size "
+                f"{self.settings.max_queue_size}); retry after a short pause",
+                retry_after_ms=self._pushback_ms(),
+            )
+        request.future = self._loop.create_future()
+        if request.deadline is not None:
+            request.timer = self._loop.call_at(request.deadline, self._expire, request)
+        self._queues[request.priority].append(request)
+        self._queued += 1
+        self._idle_event.clear()
+        self.stats.pending_gauge.inc()
+        now = request.arrival_ns
+        if self._last_arrival_ns:
+            gap = now - self._last_arrival_ns
+            self._gap_ns = gap if self._gap_ns == float("inf") else 0.8 * self._gap_ns + 0.2 * gap
+        self._last_arrival_ns = now
+        self._schedule()
+        return request.future
+
+    def cancel(self, request: InferenceRequest) -> None:
+        """The caller went away: drop a queued request (it will never run)."""
+        if request.state == QUEUED:
+            self._leave_queue(request, CANCELLED)
+            self.stats.record_failure(time.perf_counter_ns() - request.arrival_ns, "cancelled")
+        elif request.state == RUNNING:
+            request.state = CANCELLED  # the result, when it comes, is dropped
+
+    def _expire(self, request: InferenceRequest) -> None:
+        waited_ms = (time.perf_counter_ns() - request.arrival_ns) / 1e6
+        if request.state == QUEUED:
+            self._leave_queue(request, EXPIRED)
+            message = f"deadline passed after {waited_ms:.1f} ms in the queue of {self.label}; the request was not run"
+        elif request.state == RUNNING:
+            request.state = EXPIRED
+            message = f"deadline passed after {waited_ms:.1f} ms while {self.label} was running the request"
+        else:
+            return
+        self.stats.record_failure(int(waited_ms * 1e6), "deadline")
+        if request.future is not None and not request.future.done():
+            request.future.set_exception(DeadlineExceededError(message))
+
+    def _leave_queue(self, request: InferenceRequest, state: str) -> None:
+        request.state = state
+        self._queued -= 1
+        self.stats.pending_gauge.dec()
+        if request.timer is not None and state != EXPIRED:
+            request.timer.cancel()
+        self._maybe_idle()
+
+    def _pushback_ms(self) -> int:
+        """A retry hint: roughly how long the queue ahead takes to clear."""
+        per_request_ns = self._gap_ns if self._gap_ns != float("inf") else 1e6
+        return int(max(1, min(1000, self._queued * per_request_ns / 1e6)))
+
+    # ---------------------------------------------------------- dispatch
+
+    def _schedule(self) -> None:
+        """Dispatch batches while a replica is idle and work is queued."""
+        while self._idle and self._queued:
+            batch, rows = self._collect()
+            if not batch:
+                return
+            reason = self._flush_reason(batch, rows)
+            if reason is None:
+                return  # waiting for companions; the delay timer calls back
+            self._dispatch(batch, rows, reason)
+
+    def _collect(self) -> tuple[list[InferenceRequest], int]:
+        """The next batch: highest priority first, FIFO, same shapes, up to max_batch_size rows."""
+        batch: list[InferenceRequest] = []
+        rows, key = 0, None
+        for queue in self._queues:
+            while queue and queue[0].state != QUEUED:
+                queue.popleft()
+            for request in queue:
+                if request.state != QUEUED:
+                    continue
+                if key is None:
+                    key = request.shape_key
+                elif request.shape_key != key:
+                    continue
+                if rows + request.rows > self.max_batch_size:
+                    return batch, rows
+                batch.append(request)
+                rows += request.rows
+                if not self.combine or rows == self.max_batch_size:
+                    return batch, rows
+        return batch, rows
+
+    def _flush_reason(self, batch: list[InferenceRequest], rows: int) -> str | None:
+        if not self.combine:
+            return "replica_idle"
+        if rows >= self.max_batch_size:
+            return "full"
+        if rows in self._preferred_set:
+            return "preferred"
+        if self._delay_ns == 0 or rows >= self._preferred[-1]:
+            return "replica_idle"
+        now = time.perf_counter_ns()
+        expires = batch[0].arrival_ns + self._delay_ns
+        if now >= expires:
+            return "delay_expired"
+        target = self._preferred[bisect.bisect_right(self._preferred, rows)]
+        expected = (expires - now) / self._gap_ns if self._gap_ns > 0 else float("inf")
+        if rows + expected < target:
+            return "replica_idle"  # waiting would not reach a preferred size: go now
+        self._arm_delay_timer(expires - now)
+        return None
+
+    def _arm_delay_timer(self, wait_ns: int) -> None:
+        if self._delay_timer is not None:
+            self._delay_timer.cancel()
+        self._delay_timer = self._loop.call_later(wait_ns / 1e9, self._on_delay_timer)
+
+    def _on_delay_timer(self) -> None:
+        self._delay_timer = None
+        self._schedule()
+
+    def _dispatch(self, batch: list[InferenceRequest], rows: int, reason: str) -> None:
+        taken = set(map(id, batch))
+        for queue in self._queues:
+            if queue and id(queue[0]) in taken:
+                while queue and id(queue[0]) in taken:
+                    queue.popleft()
+        if any(id(r) in taken for q in self._queues for r in q):  # batch skipped over other shapes
+            for index, queue in enumerate(self._queues):
+                self._queues[index] = deque(r for r in queue if id(r) not in taken)
+        now = time.perf_counter_ns()
+        for request in batch:
+            request.state = RUNNING
+            request.dispatch_ns = now
+            self.stats.record_queue(now - request.arrival_ns)
+        self._queued -= len(batch)
+        self._running += len(batch)
+        self.stats.pending_gauge.dec(len(batch))
+        replica = self._idle.pop()
+        replica.submit(batch, lambda rep, outcome: self._on_done(rep, batch, rows, reason, outcome))
+
+    def _on_done(self, replica: Replica, batch: list[InferenceRequest], rows: int, reason: str,
+                 outcome: BatchOutcome) -> None:
+        self._idle.append(replica)
+        self._running -= len(batch)
+        t = outcome.timings
+        self.stats.record_batch(rows, len(batch), t.input_ns, t.infer_ns, t.output_ns, t.executions, reason)
+        self.stats.record_replica_busy(replica.device, replica.index, t.input_ns + t.infer_ns + t.output_ns)
+        now = time.perf_counter_ns()
+        for request, result in zip(batch, outcome.results, strict=True):
+            if request.timer is not None:
+                request.timer.cancel()
+            if request.state != RUNNING:
+                continue  # cancelled or expired while running: already answered
+            request.state = DONE
+            if isinstance(result, Exception):
+                self.stats.record_failure(now - request.arrival_ns, "backend")
+                request.future.set_exception(result)
+            else:
+                request.future.set_result(result)
+        self._maybe_idle()
+        self._schedule()
+
+    # --------------------------------------------------------- lifecycle
+
+    def _maybe_idle(self) -> None:
+        if self._queued == 0 and self._running == 0:
+            self._idle_event.set()
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    async def drain(self) -> None:
+        """Stop taking requests and wait until everything accepted has been answered."""
+        self._accepting = False
+        self._schedule()
+        await self._idle_event.wait()
+
+    def close(self) -> None:
+        """Fail anything still queued (used only when a drain timed out)."""
+        for queue in self._queues:
+            for request in queue:
+                if request.state == QUEUED:
+                    self._leave_queue(request, CANCELLED)
+                    if request.future is not None and not request.future.done():
+                        request.future.set_exception(ModelUnavailableError(f"model {self.label} was unloaded"))
+            queue.clear()
+        if self._delay_timer is not None:
+            self._delay_timer.cancel()
+
+
+def raise_if_failed(result: list[EncodedTensor] | ServingError) -> list[EncodedTensor]:
+    if isinstance(result, Exception):
+        raise result
+    return result

@@ -1,0 +1,371 @@
+"""The gRPC adapter: protobuf in, core calls, protobuf out; core errors become status codes.
+
+Handlers are registered under the standard ``inference.GRPCInferenceService``
+name (see tensorwire.proto.service). Everything model-related is delegated to
+the ModelManager; this module only translates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from tensorwire import __version__
+from tensorwire.proto import inference_pb2 as pb
+from tensorwire.proto.codec import CodecError, decode_contents, decode_raw
+from tensorwire.proto.service import METHODS, SERVICE_NAME
+from tensorwire.server.batcher import InferenceRequest, shape_key
+from tensorwire.server.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    ModelUnavailableError,
+    QueueFullError,
+    ServingError,
+)
+from tensorwire.server.manager import ModelManager
+from tensorwire.server.model_version import ModelVersion
+from tensorwire.server.signature import validate_inputs
+
+log = logging.getLogger("tensorwire.servicer")
+
+EXTENSIONS = ["model_repository", "model_configuration", "schedule_policy", "parameters", "statistics"]
+_CONFIG_TYPES = {name: getattr(pb, f"TYPE_{'STRING' if name == 'BYTES' else name}") for name in (
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+    "FP16", "FP32", "FP64", "BF16", "BYTES")}
+_KINDS = {"cpu": pb.ModelInstanceGroup.KIND_CPU, "gpu": pb.ModelInstanceGroup.KIND_GPU,
+          "auto": pb.ModelInstanceGroup.KIND_AUTO}
+#: Request parameters we act on; others (e.g. binary_data_output) are accepted and ignored.
+_UNSUPPORTED_PARAMETERS = {"sequence_id", "sequence_start", "sequence_end"}
+_STREAM_WINDOW = 1024  # in-flight requests per stream before we stop reading (backpressure)
+
+
+def status_of(err: ServingError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, err.status)
+
+
+class Servicer:
+    """Implements every RPC of the service on top of a ModelManager."""
+
+    def __init__(self, manager: ModelManager, on_repository_change: Callable[[], None] = lambda: None) -> None:
+        self.manager = manager
+        self.draining = False
+        self.started = False
+        self._on_repository_change = on_repository_change
+
+    # ----------------------------------------------------------- helpers
+
+    async def _abort(self, context: grpc.aio.ServicerContext, err: ServingError) -> None:
+        if isinstance(err, QueueFullError):
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(err.retry_after_ms)),))
+        await context.abort(status_of(err), str(err))
+
+    # -------------------------------------------------------------- health
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.started and not self.draining)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
+        try:
+            self.manager.resolve(request.name, request.version)
+        except ModelUnavailableError:
+            return pb.ModelReadyResponse(ready=False)
+        except ServingError as err:
+            await self._abort(context, err)
+        return pb.ModelReadyResponse(ready=not self.draining)
+
+    # ------------------------------------------------------------ metadata
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="tensorwire", version=__version__, extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
+        try:
+            version = self.manager.resolve(request.name, request.version)
+        except ServingError as err:
+            await self._abort(context, err)
+        sig = version.signature
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=version.name,
+            versions=[str(v) for v in self.manager.ready_versions(version.name)],
+            platform=version.config.platform,
+            inputs=[tensor(name=t.name, datatype=t.datatype, shape=sig.served_shape(t)) for t in sig.inputs],
+            outputs=[tensor(name=t.name, datatype=t.datatype, shape=sig.served_shape(t)) for t in sig.outputs],
+        )
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
+        try:
+            version = self.manager.resolve(request.name, request.version)
+        except ServingError as err:
+            await self._abort(context, err)
+        return pb.ModelConfigResponse(config=model_config_proto(version))
+
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context) -> pb.ModelStatisticsResponse:
+        try:
+            if request.name:
+                if request.version:
+                    versions = [self.manager.resolve(request.name, request.version)]
+                else:
+                    self.manager.resolve(request.name)
+                    versions = [v for v in self.manager.served_versions() if v.name == request.name]
+            else:
+                versions = self.manager.served_versions()
+        except ServingError as err:
+            await self._abort(context, err)
+        return pb.ModelStatisticsResponse(model_stats=[v.stats.to_proto() for v in versions])
+
+    # ---------------------------------------------------------- repository
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context) -> pb.RepositoryIndexResponse:
+        rows = self.manager.index()
+        index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(
+            models=[
+                index(name=name, version=version, state=state, reason=reason)
+                for name, version, state, reason in rows
+                if not request.ready or state == "READY"
+            ]
+        )
+
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context):
+        if request.parameters:
+            await self._abort(context, InvalidRequestError(
+                f"load parameters {sorted(request.parameters)} are not supported; edit config.toml and load again"))
+        try:
+            await self.manager.load(request.model_name)
+        except ServingError as err:
+            await self._abort(context, err)
+        finally:
+            self._on_repository_change()
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context):
+        try:
+            await self.manager.unload(request.model_name)
+        except ServingError as err:
+            await self._abort(context, err)
+        finally:
+            self._on_repository_change()
+        return pb.RepositoryModelUnloadResponse()
+
+    # ----------------------------------------------------------- inference
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        started = time.perf_counter_ns()
+        version: ModelVersion | None = None
+        try:
+            version = self.manager.resolve(request.model_name, request.model_version)
+            core = build_request(version, request, context.time_remaining())
+            outputs = await version.infer(core)
+        except ServingError as err:
+            if version is not None and not isinstance(err, (DeadlineExceededError,)) and err.status != "INTERNAL":
+                version.stats.record_failure(time.perf_counter_ns() - started, err.status.lower())
+            await self._abort(context, err)
+        response = build_response(version, request.id, outputs)
+        version.stats.record_success(time.perf_counter_ns() - started)
+        return response
+
+    async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest], context):
+        """Pipelined: requests run concurrently, responses go back in request order."""
+        pending: asyncio.Queue = asyncio.Queue(maxsize=_STREAM_WINDOW)
+
+        async def read() -> None:
+            async for request in requests:
+                await pending.put(asyncio.ensure_future(self._stream_one(request)))
+            await pending.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while True:
+                task = await pending.get()
+                if task is None:
+                    break
+                yield await task
+            await reader
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                task = pending.get_nowait()
+                if task is not None:
+                    task.cancel()
+
+    async def _stream_one(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+        started = time.perf_counter_ns()
+        version: ModelVersion | None = None
+        try:
+            version = self.manager.resolve(request.model_name, request.model_version)
+            core = build_request(version, request, None)
+            outputs = await version.infer(core)
+        except ServingError as err:
+            if version is not None and err.status not in ("INTERNAL", "DEADLINE_EXCEEDED"):
+                version.stats.record_failure(time.perf_counter_ns() - started, err.status.lower())
+            return pb.ModelStreamInferResponse(
+                error_message=f"{err.status}: {err}",
+                infer_response=pb.ModelInferResponse(
+                    model_name=request.model_name, model_version=request.model_version, id=request.id
+                ),
+            )
+        response = build_response(version, request.id, outputs)
+        version.stats.record_success(time.perf_counter_ns() - started)
+        return pb.ModelStreamInferResponse(infer_response=response)
+
+    # --------------------------------------------------------- registration
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        handlers = {}
+        for name, method in METHODS.items():
+            factory = grpc.stream_stream_rpc_method_handler if method.client_streaming else (
+                grpc.unary_unary_rpc_method_handler)
+            handlers[name] = factory(
+                getattr(self, name),
+                request_deserializer=method.request.FromString,
+                response_serializer=method.response.SerializeToString,
+            )
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+# ------------------------------------------------------------- conversions
+
+
+def _parameter_value(name: str, parameter: pb.InferParameter) -> object:
+    choice = parameter.WhichOneof("parameter_choice")
+    if choice is None:
+        raise InvalidRequestError(f"parameter {name!r} has no value set (unknown parameter type)")
+    return getattr(parameter, choice)
+
+
+def _int_parameter(name: str, parameter: pb.InferParameter) -> int:
+    value = _parameter_value(name, parameter)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequestError(f"parameter {name!r} must be a non-negative int64 or uint64, got {value!r}")
+    return value
+
+
+def build_request(version: ModelVersion, request: pb.ModelInferRequest,
+                  time_remaining: float | None) -> InferenceRequest:
+    """Validate and decode a ModelInferRequest into a core request (zero-copy for raw tensors)."""
+    sig = version.signature
+    settings = version.config.dynamic_batching
+    priority, timeout_us = 0, None
+    for name, parameter in request.parameters.items():
+        value = _parameter_value(name, parameter)
+        if name == "priority":
+            priority = _int_parameter(name, parameter)
+            if priority > settings.priority_levels:
+                raise InvalidRequestError(
+                    f"priority {priority} is beyond the model's priority_levels {settings.priority_levels} "
+                    "(1 is highest, 0 the default)")
+        elif name == "timeout":
+            timeout_us = _int_parameter(name, parameter)
+        elif name in _UNSUPPORTED_PARAMETERS and value:
+            raise InvalidRequestError(f"parameter {name!r}: sequence batching is not supported by tensorwire")
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidRequestError(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; send one per input, in order")
+    declared: dict[str, tuple[str, list[int]]] = {}
+    for tensor in request.inputs:
+        if tensor.name in declared:
+            raise InvalidRequestError(f"input {tensor.name!r} appears twice")
+        declared[tensor.name] = (tensor.datatype, list(tensor.shape))
+        for pname, parameter in tensor.parameters.items():
+            _parameter_value(f"{tensor.name}.{pname}", parameter)
+    rows = validate_inputs(sig, declared)
+    arrays = {}
+    for index, tensor in enumerate(request.inputs):
+        datatype, shape = declared[tensor.name]
+        try:
+            if raw:
+                if tensor.HasField("contents"):
+                    raise InvalidRequestError(
+                        f"input {tensor.name!r} has both contents and raw_input_contents; send one")
+                arrays[tensor.name] = decode_raw(raw[index], datatype, shape)
+            else:
+                arrays[tensor.name] = decode_contents(tensor.contents, datatype, shape)
+        except CodecError as err:
+            raise InvalidRequestError(f"input {tensor.name!r}: {err}") from None
+    if request.outputs:
+        outputs = []
+        known = sig.output_names
+        for tensor in request.outputs:
+            if tensor.name not in known:
+                raise InvalidRequestError(f"unknown output {tensor.name!r}; the model's outputs are {known}")
+            outputs.append(tensor.name)
+    else:
+        outputs = sig.output_names
+    loop = asyncio.get_running_loop()
+    deadline = None
+    limits = [t for t in (time_remaining, timeout_us / 1e6 if timeout_us else None,
+                          settings.default_timeout_us / 1e6 if settings.default_timeout_us and timeout_us is None
+                          else None) if t is not None]
+    if limits:
+        remaining = min(limits)
+        if remaining <= 0:
+            raise DeadlineExceededError("the request's deadline had already passed when it arrived")
+        deadline = loop.time() + remaining
+    return InferenceRequest(
+        inputs=arrays,
+        rows=rows,
+        outputs=outputs,
+        request_id=request.id,
+        priority=version.batcher.priority_index(priority),
+        deadline=deadline,
+        shape_key=shape_key(arrays, sig.batched),
+    )
+
+
+def build_response(version: ModelVersion, request_id: str, outputs: list) -> pb.ModelInferResponse:
+    tensor = pb.ModelInferResponse.InferOutputTensor
+    return pb.ModelInferResponse(
+        model_name=version.name,
+        model_version=str(version.version),
+        id=request_id,
+        outputs=[tensor(name=name, datatype=datatype, shape=shape) for name, datatype, shape, _ in outputs],
+        raw_output_contents=[raw for _, _, _, raw in outputs],
+    )
+
+
+def model_config_proto(version: ModelVersion) -> pb.ModelConfig:
+    """Triton's ModelConfig subset, filled from config.toml and the resolved signature."""
+    config, sig = version.config, version.signature
+    policy = config.version_policy
+    if policy.latest is not None:
+        version_policy = pb.ModelVersionPolicy(latest=pb.ModelVersionPolicy.Latest(num_versions=policy.latest))
+    elif policy.all:
+        version_policy = pb.ModelVersionPolicy(all=pb.ModelVersionPolicy.All())
+    else:
+        version_policy = pb.ModelVersionPolicy(specific=pb.ModelVersionPolicy.Specific(versions=policy.specific))
+    message = pb.ModelConfig(
+        name=version.name,
+        platform=config.platform,
+        backend=config.backend,
+        version_policy=version_policy,
+        max_batch_size=config.max_batch_size,
+        input=[pb.ModelInput(name=t.name, data_type=_CONFIG_TYPES[t.datatype], dims=t.dims) for t in sig.inputs],
+        output=[pb.ModelOutput(name=t.name, data_type=_CONFIG_TYPES[t.datatype], dims=t.dims) for t in sig.outputs],
+        instance_group=[
+            pb.ModelInstanceGroup(name=f"{version.name}_{i}", kind=_KINDS[g.kind], count=g.count, gpus=g.gpus or [])
+            for i, g in enumerate(config.instance_group)
+        ],
+        default_model_filename=config.model_filename,
+        parameters={k: pb.ModelParameter(string_value=v) for k, v in config.metadata.items()},
+    )
+    if config.batching:
+        b = config.dynamic_batching
+        message.dynamic_batching.CopyFrom(pb.ModelDynamicBatching(
+            preferred_batch_size=b.preferred_batch_sizes,
+            max_queue_delay_microseconds=b.max_queue_delay_us,
+            priority_levels=b.priority_levels,
+            default_priority_level=b.default_priority_level,
+            default_queue_policy=pb.ModelQueuePolicy(
+                default_timeout_microseconds=b.default_timeout_us, max_queue_size=b.max_queue_size,
+                allow_timeout_override=True),
+        ))
+    return message

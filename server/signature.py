@@ -1,0 +1,159 @@
+"""A model version's tensor signature, and validation of requests against it.
+
+The signature is resolved once at load: from ``config.toml`` when it lists the
+tensors (checked against what the model file declares), otherwise from the
+model file. Requests are validated here, before batching, so that one bad
+request can never fail the batch it would have joined.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tensorwire.proto.repository import ModelConfigFile, TensorSpec
+from tensorwire.server.backends.base import TensorInfo
+from tensorwire.server.errors import InvalidRequestError, ModelLoadError
+
+
+@dataclass(frozen=True)
+class TensorSig:
+    """One tensor as served: ``dims`` exclude the batch dimension; -1 = variable."""
+
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Signature:
+    inputs: tuple[TensorSig, ...]
+    outputs: tuple[TensorSig, ...]
+    max_batch_size: int
+
+    @property
+    def batched(self) -> bool:
+        return self.max_batch_size > 0
+
+    def input(self, name: str) -> TensorSig | None:
+        return self._inputs_by_name.get(name)
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_inputs_by_name", {t.name: t for t in self.inputs})
+
+    def served_shape(self, sig: TensorSig) -> list[int]:
+        """The shape reported in metadata: the batch dimension (-1) first for batched models."""
+        return ([-1] if self.batched else []) + list(sig.dims)
+
+
+def _from_spec(spec: TensorSpec) -> TensorSig:
+    return TensorSig(spec.name, spec.datatype, tuple(spec.dims))
+
+
+def _from_model(info: TensorInfo, batched: bool, what: str) -> TensorSig:
+    shape = info.shape
+    if batched:
+        if not shape:
+            raise ModelLoadError(f"{what} {info.name!r} has no dimensions, but max_batch_size > 0 needs a batch one")
+        shape = shape[1:]
+    return TensorSig(info.name, info.datatype, tuple(shape))
+
+
+def _check(config_sigs: list[TensorSig], model_sigs: list[TensorSig] | None, what: str) -> None:
+    if model_sigs is None:
+        return
+    by_name = {t.name: t for t in model_sigs}
+    for sig in config_sigs:
+        found = by_name.get(sig.name)
+        if found is None:
+            raise ModelLoadError(
+                f"config {what} {sig.name!r} is not in the model; the model has {sorted(by_name)}"
+            )
+        if found.datatype != sig.datatype:
+            raise ModelLoadError(
+                f"config {what} {sig.name!r} says {sig.datatype}, the model says {found.datatype}"
+            )
+        compatible = len(found.dims) == len(sig.dims) and all(
+            m == -1 or c == m for c, m in zip(sig.dims, found.dims, strict=True)
+        )
+        if not compatible:
+            raise ModelLoadError(
+                f"config {what} {sig.name!r} has dims {list(sig.dims)}, the model has {list(found.dims)} "
+                "(without the batch dimension)"
+            )
+    if what == "input":
+        missing = set(by_name) - {s.name for s in config_sigs}
+        if missing:
+            raise ModelLoadError(f"the model also needs inputs {sorted(missing)}, which config.toml does not list")
+
+
+def resolve_signature(
+    config: ModelConfigFile, model_inputs: list[TensorInfo] | None, model_outputs: list[TensorInfo] | None
+) -> Signature:
+    """Combine the config's tensors with the model file's; raise ModelLoadError on conflict."""
+    batched = config.max_batch_size > 0
+    from_model_in = [_from_model(t, batched, "input") for t in model_inputs] if model_inputs is not None else None
+    from_model_out = (
+        [_from_model(t, batched, "output") for t in model_outputs] if model_outputs is not None else None
+    )
+    if config.inputs is not None:
+        inputs = [_from_spec(s) for s in config.inputs]
+        _check(inputs, from_model_in, "input")
+    elif from_model_in is not None:
+        inputs = from_model_in
+    else:
+        raise ModelLoadError("this backend cannot read tensor names from the model file: list inputs in config.toml")
+    if config.outputs is not None:
+        outputs = [_from_spec(s) for s in config.outputs]
+        _check(outputs, from_model_out, "output")
+    elif from_model_out is not None:
+        outputs = from_model_out
+    else:
+        raise ModelLoadError("this backend cannot read tensor names from the model file: list outputs in config.toml")
+    return Signature(tuple(inputs), tuple(outputs), config.max_batch_size)
+
+
+def validate_inputs(signature: Signature, declared: dict[str, tuple[str, Sequence[int]]]) -> int:
+    """Check the inputs a request declares against the signature; return the batch size (rows).
+
+    ``declared`` maps each input name to the (datatype, shape) the request
+    stated. This runs before any tensor bytes are decoded, so the caller
+    hears about a wrong shape rather than a consequent wrong byte count.
+    """
+    for name, (datatype, shape) in declared.items():
+        sig = signature.input(name)
+        if sig is None:
+            raise InvalidRequestError(
+                f"unknown input {name!r}; the model's inputs are {[t.name for t in signature.inputs]}"
+            )
+        if datatype != sig.datatype:
+            raise InvalidRequestError(f"input {name!r} has datatype {datatype}, expected {sig.datatype}")
+        expected_rank = len(sig.dims) + (1 if signature.batched else 0)
+        expected = signature.served_shape(sig)
+        if len(shape) != expected_rank:
+            raise InvalidRequestError(f"input {name!r} has shape {list(shape)}, expected {expected}")
+        tail = shape[1:] if signature.batched else shape
+        for got, want in zip(tail, sig.dims, strict=True):
+            if want != -1 and got != want:
+                raise InvalidRequestError(f"input {name!r} has shape {list(shape)}, expected {expected}")
+    missing = [t.name for t in signature.inputs if t.name not in declared]
+    if missing:
+        raise InvalidRequestError(f"missing inputs {missing}; the model needs {[t.name for t in signature.inputs]}")
+    if not signature.batched:
+        return 1
+    batch_sizes = {name: shape[0] for name, (_, shape) in declared.items()}
+    sizes = set(batch_sizes.values())
+    if len(sizes) != 1:
+        raise InvalidRequestError(f"inputs disagree on the batch dimension (first dim): {batch_sizes}")
+    rows = sizes.pop()
+    if rows < 1:
+        raise InvalidRequestError("the batch dimension (first dim) must be at least 1")
+    if rows > signature.max_batch_size:
+        raise InvalidRequestError(
+            f"batch of {rows} exceeds the model's max_batch_size {signature.max_batch_size}; split the request"
+        )
+    return rows
