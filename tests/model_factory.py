@@ -92,3 +92,56 @@ def python_model(repo: Path, name: str, source: str, config: dict[str, Any], ver
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(textwrap.dedent(source))
     return path
+
+
+SLEEPER_SOURCE = '''
+import time
+import numpy as np
+
+LOG = {log!r}
+INIT_SECONDS = {init_seconds!r}
+
+
+class Model:
+    """Echoes ID; sleeps max(SLEEP_MS) per execution; logs every executed ID; raises on ID 13."""
+
+    def __init__(self):
+        time.sleep(INIT_SECONDS)
+
+    def execute(self, inputs):
+        ids = inputs["ID"][:, 0].tolist()
+        with open(LOG, "a") as log:
+            log.write(" ".join(map(str, ids)) + "\\n")
+        if 13 in ids:
+            raise ValueError("unlucky 13: this text must stay in the server log")
+        time.sleep(float(inputs["SLEEP_MS"].max()) / 1000.0)
+        return {{"ID_OUT": inputs["ID"].copy()}}
+'''
+
+
+def sleeper_model(repo: Path, name: str = "sleeper", log: Path | None = None, init_seconds: float = 0.0,
+                  max_batch_size: int = 8, **config: Any) -> Path:
+    """A Python model that counts its executions in ``log`` (one line per backend call).
+
+    Inputs ID (INT64 [1]) and SLEEP_MS (FP32 [1]); output ID_OUT (INT64 [1]).
+    """
+    log = log or Path(repo) / f"{name}.calls"
+    python_model(
+        repo, name, SLEEPER_SOURCE.format(log=str(log), init_seconds=init_seconds),
+        {
+            "max_batch_size": max_batch_size,
+            "inputs": [{"name": "ID", "datatype": "INT64", "dims": [1]},
+                       {"name": "SLEEP_MS", "datatype": "FP32", "dims": [1]}],
+            "outputs": [{"name": "ID_OUT", "datatype": "INT64", "dims": [1]}],
+            "warmup": "none",
+            **config,
+        },
+    )
+    return log
+
+
+def executed_ids(log: Path) -> list[int]:
+    """Every ID a sleeper model executed, in order."""
+    if not Path(log).exists():
+        return []
+    return [int(tok) for line in Path(log).read_text().split("\n") for tok in line.split()]
