@@ -14,6 +14,7 @@ round-to-nearest-even when the caller names the datatype ``"BF16"``.
 
 from __future__ import annotations
 
+import operator
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -70,13 +71,28 @@ class CodecError(ValueError):
 
 
 def element_count(shape: Sequence[int]) -> int:
-    """Number of elements in a tensor of ``shape``; rejects negative dimensions."""
+    """Number of elements in a tensor of ``shape``; rejects negative and non-integer dimensions."""
     count = 1
     for dim in shape:
+        try:
+            dim = operator.index(dim)
+        except TypeError:
+            raise CodecError(f"shape {list(shape)} has a non-integer dimension {dim!r}") from None
         if dim < 0:
             raise CodecError(f"shape {list(shape)} has a negative dimension; tensors sent must be concrete")
-        count *= int(dim)
+        count *= dim
     return count
+
+
+_BF16_AS = ("float32", "bits", "bfloat16")
+
+
+def _byte_view(raw: bytes | memoryview) -> memoryview:
+    """A flat unsigned-byte view of ``raw`` (so lengths and offsets count bytes)."""
+    try:
+        return memoryview(raw).cast("B")
+    except TypeError as err:
+        raise CodecError(f"raw contents must be a contiguous bytes-like buffer: {err}") from None
 
 
 def datatype_of(array: np.ndarray) -> str:
@@ -110,6 +126,8 @@ def serialize_bytes_tensor(array: np.ndarray) -> bytes:
     parts: list[bytes] = []
     for element in np.asarray(array, dtype=object).ravel(order="C"):
         data = _as_bytes(element)
+        if len(data) > 0xFFFFFFFF:
+            raise CodecError(f"a BYTES element of {len(data)} bytes does not fit the 4-byte length prefix")
         parts.append(_LENGTH.pack(len(data)))
         parts.append(data)
     return b"".join(parts)
@@ -117,9 +135,18 @@ def serialize_bytes_tensor(array: np.ndarray) -> bytes:
 
 def deserialize_bytes_tensor(raw: bytes | memoryview, count: int) -> np.ndarray:
     """Split length-prefixed BYTES raw contents into a flat object array of ``count`` bytes."""
-    view = memoryview(raw)
-    out = np.empty(count, dtype=object)
+    view = _byte_view(raw)
     offset, total = 0, len(view)
+    if count < 0:
+        raise CodecError(f"BYTES element count {count} is negative")
+    if count > total // 4:
+        # Checked before allocating: a forged shape must not make us reserve
+        # memory for elements that cannot be there (each needs its 4-byte prefix).
+        raise CodecError(
+            f"BYTES contents of {total} bytes cannot hold {count} elements"
+            " (each needs a 4-byte length prefix)"
+        )
+    out = np.empty(count, dtype=object)
     for index in range(count):
         if offset + 4 > total:
             raise CodecError(
@@ -142,14 +169,18 @@ def deserialize_bytes_tensor(raw: bytes | memoryview, count: int) -> np.ndarray:
 
 
 def float32_to_bf16_bits(array: np.ndarray) -> np.ndarray:
-    """Round float32 values to bfloat16 (nearest-even) and return the 16-bit patterns."""
-    bits = np.ascontiguousarray(array, dtype="<f4").view("<u4")
-    nan = np.isnan(array)
+    """Round float32 values to bfloat16 (nearest-even) and return the 16-bit patterns.
+
+    NaNs become the quiet NaN with their sign kept (0x7FC0 / 0xFFC0), as
+    ml_dtypes does; the result has the input's shape (0-d included).
+    """
+    values = np.asarray(array, dtype="<f4")
+    # (np.ascontiguousarray would turn a 0-d array into shape (1,))
+    bits = np.ascontiguousarray(values).view("<u4").reshape(values.shape)
     rounding = ((bits >> 16) & 1) + 0x7FFF
-    rounded = ((bits + rounding) >> 16).astype("<u2")
-    if nan.any():
-        rounded[nan] = 0x7FC0
-    return rounded
+    rounded = (bits + rounding) >> 16
+    quiet_nan = ((bits >> 16) & 0x8000) | 0x7FC0
+    return np.asarray(np.where(np.isnan(values), quiet_nan, rounded), dtype="<u2")
 
 
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
@@ -174,19 +205,27 @@ def decode_raw(raw: bytes | memoryview, datatype: str, shape: Sequence[int], *, 
     ``bf16_as`` is ``"float32"`` (default, exact widening), ``"bits"`` (uint16
     patterns) or ``"bfloat16"`` (needs ``ml_dtypes``).
     """
+    if bf16_as not in _BF16_AS:
+        raise CodecError(f"bf16_as must be one of {', '.join(_BF16_AS)}, not {bf16_as!r}")
     count = element_count(shape)
+    shape = tuple(operator.index(dim) for dim in shape)
     if datatype == "BYTES":
-        return deserialize_bytes_tensor(raw, count).reshape(tuple(shape))
+        return deserialize_bytes_tensor(raw, count).reshape(shape)
     dtype = NUMPY_DTYPES.get(datatype)
     if dtype is None:
         raise CodecError(f"unknown datatype {datatype!r}; expected one of {', '.join(DATATYPES)}")
+    view = _byte_view(raw)
     expected = count * dtype.itemsize
-    if len(raw) != expected:
+    if len(view) != expected:
         raise CodecError(
-            f"{datatype} tensor of shape {list(shape)} needs {expected} bytes of raw contents, got {len(raw)}"
+            f"{datatype} tensor of shape {list(shape)} needs {expected} bytes of raw contents,"
+            f" got {len(view)}"
         )
-    array = np.frombuffer(raw, dtype=dtype).reshape(tuple(shape))
-    if datatype == "BOOL" and array.size and np.frombuffer(raw, dtype="u1").max() > 1:
+    array = np.frombuffer(view, dtype=dtype).reshape(shape)
+    # A view of the caller's buffer: never let a consumer write through it
+    # (the buffer may be a writable bytearray or shared by other tensors).
+    array.flags.writeable = False
+    if datatype == "BOOL" and array.size and np.frombuffer(view, dtype="u1").max() > 1:
         raise CodecError("BOOL raw contents may hold only the bytes 0 and 1")
     if datatype == "BF16":
         return _bf16_out(array, bf16_as)
@@ -202,6 +241,34 @@ def _bf16_out(bits: np.ndarray, bf16_as: str) -> np.ndarray:
             raise CodecError("bf16_as='bfloat16' needs the ml_dtypes package")
         return bits.view(dtype)
     return bf16_bits_to_float32(bits)
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    # ml_dtypes' bfloat16/float8 types have kind "V" but are floats.
+    return dtype.kind == "f" or (dtype.kind == "V" and dtype.fields is None and "float" in dtype.name)
+
+
+def _cast(array: np.ndarray, datatype: str, dtype: np.dtype) -> np.ndarray:
+    """``array`` as ``dtype`` for sending as ``datatype``; refuses lossy or wrapping conversions.
+
+    Floats never become integers or BOOL silently, and integers must fit the
+    target integer type (numpy's ``astype`` would wrap 300 to 44 as UINT8).
+    """
+    source = array.dtype
+    if source == dtype:
+        return array
+    if source.kind in "OSUcMm" or (source.kind == "V" and not _is_float(source)):
+        raise CodecError(f"cannot send a {source} array as {datatype}")
+    if _is_float(source) and dtype.kind in "iub":
+        raise CodecError(f"cannot send a {source} array as {datatype} (floats are not cast to integers)")
+    if source.kind in "iu" and dtype.kind in "iu" and array.size:
+        info = np.iinfo(dtype)
+        low, high = int(array.min()), int(array.max())
+        if low < info.min or high > info.max:
+            raise CodecError(
+                f"values in [{low}, {high}] do not fit {datatype} (range [{info.min}, {info.max}])"
+            )
+    return array.astype(dtype)
 
 
 def decode_contents(contents: pb.InferTensorContents, datatype: str, shape: Sequence[int]) -> np.ndarray:
@@ -249,16 +316,12 @@ def encode_raw(array: np.ndarray, datatype: str | None = None) -> tuple[str, lis
         if array.dtype.name == "bfloat16" or array.dtype == np.dtype("<u2"):
             bits = np.ascontiguousarray(array).view("<u2")
         else:
-            bits = float32_to_bf16_bits(array.astype("<f4", copy=False))
+            bits = float32_to_bf16_bits(_cast(array, datatype, np.dtype("<f4")))
         return datatype, shape, bits.tobytes()
     dtype = NUMPY_DTYPES.get(datatype)
     if dtype is None:
         raise CodecError(f"unknown datatype {datatype!r}; expected one of {', '.join(DATATYPES)}")
-    if array.dtype != dtype:
-        if array.dtype.kind in "OSU" or (array.dtype.kind == "f" and dtype.kind in "iub"):
-            raise CodecError(f"cannot send a {array.dtype} array as {datatype}")
-        array = array.astype(dtype)
-    return datatype, shape, np.ascontiguousarray(array).tobytes()
+    return datatype, shape, np.ascontiguousarray(_cast(array, datatype, dtype)).tobytes()
 
 
 def encode_contents(array: np.ndarray, datatype: str | None = None) -> tuple[str, list[int], pb.InferTensorContents]:
@@ -267,11 +330,13 @@ def encode_contents(array: np.ndarray, datatype: str | None = None) -> tuple[str
     datatype = datatype or datatype_of(array)
     field = CONTENTS_FIELD.get(datatype)
     if field is None:
-        raise CodecError(f"{datatype} tensors can only travel as raw contents")
+        if datatype in NUMPY_DTYPES:
+            raise CodecError(f"{datatype} tensors can only travel as raw contents")
+        raise CodecError(f"unknown datatype {datatype!r}; expected one of {', '.join(DATATYPES)}")
     contents = pb.InferTensorContents()
     flat = array.ravel(order="C")
     if datatype == "BYTES":
         getattr(contents, field).extend(_as_bytes(element) for element in flat)
     else:
-        getattr(contents, field).extend(flat.astype(NUMPY_DTYPES[datatype]).tolist())
+        getattr(contents, field).extend(_cast(flat, datatype, NUMPY_DTYPES[datatype]).tolist())
     return datatype, [int(dim) for dim in array.shape], contents

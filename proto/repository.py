@@ -18,14 +18,23 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from tensorwire.proto.codec import DATATYPES
 
 CONFIG_FILE = "config.toml"
 DEFAULT_FILENAMES = {"onnxruntime": "model.onnx", "torchscript": "model.pt", "python": "model.py"}
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "torchscript": "pytorch_libtorch", "python": "python"}
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # used with fullmatch
+VERSION_FOLDER = re.compile(r"[1-9][0-9]*")  # ASCII digits, no leading zero: the folder is str(version)
 
 Datatype = Literal[DATATYPES]  # type: ignore[valid-type]
 Dim = Annotated[int, Field(ge=-1)]
@@ -37,7 +46,7 @@ class RepositoryConfigError(ValueError):
 
 def check_model_name(name: str) -> str:
     """Reject names that are not a single safe folder name (no path traversal)."""
-    if not MODEL_NAME.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name) or name in (".", ".."):
         raise RepositoryConfigError(
             f"invalid model name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit"
         )
@@ -55,11 +64,12 @@ class TensorSpec(_Strict):
     datatype: Datatype
     dims: list[Dim]
 
-    @model_validator(mode="after")
-    def _no_zero_dims(self) -> TensorSpec:
-        if 0 in self.dims:
-            raise ValueError(f"dims of {self.name!r} contain 0; use a positive size or -1 for variable")
-        return self
+    @field_validator("dims")
+    @classmethod
+    def _no_zero_dims(cls, dims: list[int]) -> list[int]:
+        if 0 in dims:
+            raise ValueError(f"dims {dims} contain 0; use a positive size or -1 for variable")
+        return dims
 
 
 class VersionPolicy(_Strict):
@@ -137,24 +147,41 @@ class ModelConfigFile(_Strict):
     warmup: Literal["auto", "all", "powers_of_two", "none"] = "auto"
     metadata: dict[str, str] = {}
 
-    @model_validator(mode="after")
-    def _consistent(self) -> ModelConfigFile:
-        for label, specs in (("inputs", self.inputs), ("outputs", self.outputs)):
-            names = [s.name for s in specs or []]
-            if len(names) != len(set(names)):
-                raise ValueError(f"{label} repeat a tensor name: {names}")
-            if specs is not None and not specs:
-                raise ValueError(f"{label} is empty; omit it to read the tensors from the model file")
-        too_big = [p for p in self.dynamic_batching.preferred_batch_sizes if p > max(self.max_batch_size, 1)]
+    @field_validator("inputs", "outputs")
+    @classmethod
+    def _tensor_list(cls, specs: list[TensorSpec] | None, info: ValidationInfo) -> list[TensorSpec] | None:
+        if specs is None:
+            return specs
+        if not specs:
+            raise ValueError(f"{info.field_name} is empty; omit it to read the tensors from the model file")
+        names = [s.name for s in specs]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"{info.field_name} repeat the tensor name(s) {repeated}; names must be unique")
+        return specs
+
+    @field_validator("dynamic_batching")
+    @classmethod
+    def _preferred_sizes_fit(cls, batching: DynamicBatching, info: ValidationInfo) -> DynamicBatching:
+        max_batch_size = info.data.get("max_batch_size")
+        if max_batch_size is None:  # invalid itself: already reported
+            return batching
+        too_big = [p for p in batching.preferred_batch_sizes if p > max(max_batch_size, 1)]
         if too_big:
             raise ValueError(
-                f"preferred_batch_sizes {too_big} exceed max_batch_size {self.max_batch_size}"
+                f"preferred_batch_sizes {too_big} exceed max_batch_size {max_batch_size}; "
+                "lower them or raise max_batch_size"
             )
-        if self.default_model_filename and (
-            "/" in self.default_model_filename or self.default_model_filename.startswith(".")
-        ):
-            raise ValueError("default_model_filename must be a plain file name inside the version folder")
-        return self
+        return batching
+
+    @field_validator("default_model_filename")
+    @classmethod
+    def _plain_file_name(cls, name: str | None) -> str | None:
+        if name and ("/" in name or "\\" in name or name.startswith(".")):
+            raise ValueError(
+                f"default_model_filename {name!r} must be a plain file name inside the version folder"
+            )
+        return name
 
     @property
     def model_filename(self) -> str:
@@ -177,6 +204,8 @@ class ModelConfigFile(_Strict):
 def _describe(error: dict[str, Any]) -> str:
     where = ".".join(str(part) for part in error["loc"]) or "(top level)"
     message = error["msg"]
+    if error["type"] == "value_error":  # our own validators: drop pydantic's "Value error, " prefix
+        message = message.removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key (check its spelling and section)"
     elif error["type"] == "literal_error":
@@ -187,9 +216,14 @@ def _describe(error: dict[str, Any]) -> str:
 
 
 def parse_model_config(data: dict[str, Any], source: str = CONFIG_FILE) -> ModelConfigFile:
-    """Validate a config dict; errors name ``source``, the field and what is allowed."""
+    """Validate a config dict; errors name ``source``, the field and what is allowed.
+
+    Validation is strict: TOML values carry their types, so ``max_batch_size =
+    "64"``, ``max_batch_size = true`` or ``enabled = "yes"`` are mistakes to
+    report, not values to coerce.
+    """
     try:
-        return ModelConfigFile.model_validate(data)
+        return ModelConfigFile.model_validate(data, strict=True)
     except ValidationError as err:
         lines = "; ".join(_describe(e) for e in err.errors())
         raise RepositoryConfigError(f"{source}: {lines}") from None
@@ -202,6 +236,10 @@ def load_model_config(model_dir: Path) -> ModelConfigFile:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RepositoryConfigError(f"{path}: missing; every model folder needs a {CONFIG_FILE}") from None
+    except UnicodeDecodeError as err:
+        raise RepositoryConfigError(f"{path}: not UTF-8 text ({err}); save it as UTF-8") from None
+    except OSError as err:
+        raise RepositoryConfigError(f"{path}: cannot be read: {err.strerror or err}") from None
     except tomllib.TOMLDecodeError as err:
         raise RepositoryConfigError(f"{path}: not valid TOML: {err}") from None
     return parse_model_config(data, str(path))
@@ -212,7 +250,7 @@ def available_versions(model_dir: Path) -> list[int]:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and VERSION_FOLDER.fullmatch(p.name))
 
 
 def list_models(repo: Path) -> list[str]:

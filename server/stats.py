@@ -113,6 +113,9 @@ class ModelVersionStats:
         self._m_compute = metrics.compute_duration.labels(*labels)
         self._m_batch = metrics.batch_size.labels(*labels)
         self.pending_gauge = metrics.pending.labels(*labels)
+        self._m_flushes = {}  # reason -> labelled child; labels() costs microseconds on the hot path
+        self._m_failures = {}
+        self._m_busy = {}
 
     def record_batch(self, rows: int, requests: int, input_ns: int, infer_ns: int, output_ns: int,
                      executions: int, reason: str) -> None:
@@ -131,7 +134,10 @@ class ModelVersionStats:
         self._m_executions.inc(executions)
         self._m_compute.observe((input_ns + infer_ns + output_ns) / 1e9)
         self._m_batch.observe(rows)
-        self._metrics.flushes.labels(self.model, self.version, reason).inc()
+        flushes = self._m_flushes.get(reason)
+        if flushes is None:
+            flushes = self._m_flushes[reason] = self._metrics.flushes.labels(self.model, self.version, reason)
+        flushes.inc()
 
     def record_queue(self, ns: int) -> None:
         self.queue.add(ns)
@@ -144,10 +150,17 @@ class ModelVersionStats:
 
     def record_failure(self, ns: int, reason: str) -> None:
         self.fail.add(ns)
-        self._metrics.failure.labels(self.model, self.version, reason).inc()
+        failures = self._m_failures.get(reason)
+        if failures is None:
+            failures = self._m_failures[reason] = self._metrics.failure.labels(self.model, self.version, reason)
+        failures.inc()
 
     def record_replica_busy(self, device: str, replica: int, ns: int) -> None:
-        self._metrics.replica_busy.labels(self.model, self.version, device, str(replica)).inc(ns / 1e9)
+        busy = self._m_busy.get(replica)
+        if busy is None:
+            busy = self._m_busy[replica] = self._metrics.replica_busy.labels(self.model, self.version, device,
+                                                                             str(replica))
+        busy.inc(ns / 1e9)
 
     def to_proto(self) -> pb.ModelStatistics:
         return pb.ModelStatistics(
