@@ -77,7 +77,7 @@ class ModelManager:
         if record is None:
             raise ModelNotFoundError(f"unknown model {name!r}; RepositoryIndex lists the models this server has")
         if version:
-            if not version.isdigit():
+            if not (version.isascii() and version.isdigit()):  # str.isdigit alone admits '²', '١'...
                 raise ModelNotFoundError(f"model {name!r} has no version {version!r}; versions are positive integers")
             served = record.versions.get(int(version))
             if served is not None and served.state == READY:
@@ -205,7 +205,7 @@ class ModelManager:
             if version in old:
                 fresh[version] = old.pop(version)
         if not fresh:
-            self._mark_failed(record, errors)
+            self._mark_failed(record, errors, failed)
             raise ModelLoadError(f"model {name!r} failed to load: {errors}")
         # Swap: new versions take work from now on; the old ones finish theirs, then close.
         record.versions = fresh
@@ -219,10 +219,13 @@ class ModelManager:
         if failed:
             raise ModelLoadError(f"model {name!r} loaded partly: {errors}")
 
-    def _mark_failed(self, record: ModelRecord, reason: str) -> None:
-        """A load failed entirely: keep serving what was serving, or show the reason."""
+    def _mark_failed(self, record: ModelRecord, reason: str, failed: dict[int, str] | None = None) -> None:
+        """A load failed entirely: keep serving what was serving (and show why the new versions
+        are not served), or show the reason."""
         if record.versions:
-            record.states = {v: (READY, "") for v in record.versions}
+            record.states = {v: (READY, "") for v in record.versions} | {
+                v: (UNAVAILABLE, r) for v, r in (failed or {}).items() if v not in record.versions
+            }
             return
         record.state, record.reason = UNAVAILABLE, reason
         record.states = {}

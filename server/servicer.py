@@ -165,9 +165,11 @@ class Servicer:
             core = build_request(version, request, context.time_remaining())
             outputs = await version.infer(core)
         except ServingError as err:
-            if version is not None and not isinstance(err, (DeadlineExceededError,)) and err.status != "INTERNAL":
+            if version is not None and err.status not in ("INTERNAL", "DEADLINE_EXCEEDED"):
                 version.stats.record_failure(time.perf_counter_ns() - started, err.status.lower())
             await self._abort(context, err)
+        except Exception as err:  # noqa: BLE001 - a bug of ours: INTERNAL, traceback to the log
+            await self._abort(context, internal_error(request.model_name, err))
         response = build_response(version, request.id, outputs)
         version.stats.record_success(time.perf_counter_ns() - started)
         return response
@@ -200,9 +202,14 @@ class Servicer:
         started = time.perf_counter_ns()
         version: ModelVersion | None = None
         try:
-            version = self.manager.resolve(request.model_name, request.model_version)
-            core = build_request(version, request, None)
-            outputs = await version.infer(core)
+            try:
+                version = self.manager.resolve(request.model_name, request.model_version)
+                core = build_request(version, request, None)
+                outputs = await version.infer(core)
+            except (ServingError, asyncio.CancelledError):
+                raise
+            except Exception as err:  # noqa: BLE001 - a bug of ours: INTERNAL, traceback to the log
+                raise internal_error(request.model_name, err) from err
         except ServingError as err:
             if version is not None and err.status not in ("INTERNAL", "DEADLINE_EXCEEDED"):
                 version.stats.record_failure(time.perf_counter_ns() - started, err.status.lower())
@@ -223,12 +230,38 @@ class Servicer:
         for name, method in METHODS.items():
             factory = grpc.stream_stream_rpc_method_handler if method.client_streaming else (
                 grpc.unary_unary_rpc_method_handler)
+            behaviour = getattr(self, name)
+            if name not in ("ModelInfer", "ModelStreamInfer"):  # those two guard themselves, inline
+                behaviour = _guarded(behaviour)
             handlers[name] = factory(
-                getattr(self, name),
+                behaviour,
                 request_deserializer=method.request.FromString,
                 response_serializer=method.response.SerializeToString,
             )
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+def internal_error(model: str, err: Exception) -> ServingError:
+    """An unexpected exception: log the traceback, tell the caller only that it happened and where."""
+    log.error("event=internal_error model=%s error=%r", model, err, exc_info=err)
+    error = ServingError(f"internal error while serving model {model!r} ({type(err).__name__}); see the server log")
+    return error
+
+
+def _guarded(handler: Callable) -> Callable:
+    """Turn an unexpected exception in a unary handler into INTERNAL (never UNKNOWN with our internals)."""
+
+    async def guarded(request, context):
+        try:
+            return await handler(request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as err:  # noqa: BLE001
+            error = internal_error(getattr(request, "name", "") or getattr(request, "model_name", ""), err)
+            await context.abort(grpc.StatusCode.INTERNAL, str(error))
+
+    guarded.__name__ = getattr(handler, "__name__", "handler")
+    return guarded
 
 
 # ------------------------------------------------------------- conversions
