@@ -136,6 +136,12 @@ class ModelManager:
 
     # ---------------------------------------------------------- lifecycle
 
+    def announce(self) -> None:
+        """Record every repository model as LOADING, so that calls before load_all finishes
+        get UNAVAILABLE ("loading, retry") rather than NOT_FOUND."""
+        for name in list_models(self.repo) if self.repo.is_dir() else []:
+            self._records.setdefault(name, ModelRecord(name, state=LOADING, reason="server starting"))
+
     async def load_all(self) -> None:
         """Load every model in the repository; failures are recorded, not raised."""
         names = list_models(self.repo) if self.repo.is_dir() else []

@@ -175,6 +175,10 @@ class ModelVersion:
             self.label, config.max_batch_size, config.dynamic_batching, self.replicas, self.stats, loop
         )
         self.state = READY
+        # ONNX Runtime string tensors hold text: BYTES inputs must be UTF-8, checked per request.
+        self.utf8_inputs = frozenset(
+            t.name for t in self.signature.inputs if t.datatype == "BYTES" and config.backend == "onnxruntime"
+        )
 
     async def infer(self, request: InferenceRequest) -> list[EncodedTensor]:
         """Queue a request and wait for its outputs; a cancelled wait removes it from the queue."""

@@ -225,7 +225,8 @@ class Servicer:
 
     # --------------------------------------------------------- registration
 
-    def generic_handler(self) -> grpc.GenericRpcHandler:
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        """Handlers for every method, keyed by short name, for registration under SERVICE_NAME."""
         handlers = {}
         for name, method in METHODS.items():
             factory = grpc.stream_stream_rpc_method_handler if method.client_streaming else (
@@ -238,7 +239,7 @@ class Servicer:
                 request_deserializer=method.request.FromString,
                 response_serializer=method.response.SerializeToString,
             )
-        return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+        return handlers
 
 
 def internal_error(model: str, err: Exception) -> ServingError:
@@ -279,6 +280,15 @@ def _int_parameter(name: str, parameter: pb.InferParameter) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidRequestError(f"parameter {name!r} must be a non-negative int64 or uint64, got {value!r}")
     return value
+
+
+def _check_utf8(name: str, array) -> None:
+    for index, element in enumerate(array.flat):
+        try:
+            element.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidRequestError(
+                f"input {name!r} element {index} is not UTF-8; this model's string tensors hold text") from None
 
 
 def build_request(version: ModelVersion, request: pb.ModelInferRequest,
@@ -324,6 +334,8 @@ def build_request(version: ModelVersion, request: pb.ModelInferRequest,
                 arrays[tensor.name] = decode_contents(tensor.contents, datatype, shape)
         except CodecError as err:
             raise InvalidRequestError(f"input {tensor.name!r}: {err}") from None
+        if tensor.name in version.utf8_inputs:
+            _check_utf8(tensor.name, arrays[tensor.name])
     if request.outputs:
         outputs = []
         known = sig.output_names

@@ -8,12 +8,15 @@ says so in the log (onnxruntime-gpu falls back silently, so we check
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from tensorwire.proto.codec import float32_to_bf16_bits
 from tensorwire.server.backends.base import Placement, TensorInfo
 
 log = logging.getLogger("tensorwire.backend.onnxruntime")
@@ -68,20 +71,50 @@ class OnnxRuntimeBackend:
         self.outputs = _infos(self._session.get_outputs())
         self._string_inputs = {t.name for t in self.inputs if t.datatype == "BYTES"}
         self._string_outputs = {t.name for t in self.outputs if t.datatype == "BYTES"}
+        self._bf16 = {t.name for t in self.inputs + self.outputs if t.datatype == "BF16"}
 
     def run(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
         feeds = {}
         for name, array in inputs.items():
             if name in self._string_inputs:
-                # ONNX Runtime string tensors take str; bytes would become "b'...'".
-                array = np.vectorize(lambda b: b.decode("utf-8", "surrogateescape"), otypes=[object])(array)
+                # ONNX Runtime string tensors take str; bytes would become "b'...'". Requests were
+                # checked to be UTF-8 before batching (ModelVersion.utf8_inputs).
+                array = np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(array)
             feeds[name] = array
+        if self._bf16:
+            return self._run_bf16(feeds, output_names)
         results = self._session.run(output_names, feeds)
         out = {}
         for name, value in zip(output_names, results, strict=True):
             if name in self._string_outputs:
-                value = np.vectorize(lambda s: s.encode("utf-8", "surrogateescape"), otypes=[object])(value)
+                value = np.vectorize(lambda s: s.encode("utf-8"), otypes=[object])(value)
             out[name] = value
+        return out
+
+    def _run_bf16(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        """numpy has no bfloat16 that onnxruntime accepts: pass bit patterns through OrtValues.
+
+        BF16 inputs arrive as float32 (exact widening); BF16 outputs leave as uint16 bit
+        patterns, which the codec sends unchanged.
+        """
+        values = {}
+        for name, array in feeds.items():
+            if name in self._bf16:
+                values[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(float32_to_bf16_bits(array), 16)
+            else:
+                values[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+        results = self._session.run_with_ort_values(output_names, values)
+        out = {}
+        for name, value in zip(output_names, results, strict=True):
+            if name in self._bf16:
+                shape = value.shape()
+                count = math.prod(shape)
+                buffer = (ctypes.c_uint16 * count).from_address(value.data_ptr()) if count else b""
+                out[name] = np.frombuffer(buffer, dtype="<u2").copy().reshape(shape)
+            else:
+                out[name] = value.numpy()
+                if name in self._string_outputs:
+                    out[name] = np.vectorize(lambda s: s.encode("utf-8"), otypes=[object])(out[name])
         return out
 
     def close(self) -> None:

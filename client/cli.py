@@ -1,0 +1,335 @@
+"""``tensorwire health | metadata | infer``: the SDK on the command line, for operators and scripts.
+
+Examples::
+
+    tensorwire health -a 127.0.0.1:8001 --model digits_cnn      # exit 0 = live and ready
+    tensorwire metadata --model digits_cnn --config              # JSON on stdout
+    tensorwire infer --model digits_cnn INPUT0=x.npy -o out.npz  # or inputs.npz / inputs.json
+
+Exit codes: 0 success (and, for ``health``, everything live/ready), 1 not ready or a
+request error, 2 usage error or server unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from google.protobuf import json_format
+
+from tensorwire.client._channel import TLSConfig
+from tensorwire.client.errors import InferenceServerError, UnavailableError
+from tensorwire.client.results import InferResult, Tensor
+from tensorwire.client.retry import RetryPolicy
+from tensorwire.client.sync import InferenceClient
+from tensorwire.proto import codec
+
+ADDRESS_ENV = "TENSORWIRE_ADDRESS"
+TOKEN_ENV = "TENSORWIRE_AUTH_TOKEN"
+
+
+# ------------------------------------------------------------------ common options
+
+
+def _connection_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    group = parser.add_argument_group("connection")
+    group.add_argument(
+        "-a", "--address", default=os.environ.get(ADDRESS_ENV, "127.0.0.1:8001"),
+        help=f"server host:port, or several comma-separated (round-robin) (env {ADDRESS_ENV})",
+    )
+    group.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds (default 30)")
+    group.add_argument("--tls", action="store_true", help="use TLS (implied by --ca-file/--cert-file)")
+    group.add_argument("--ca-file", help="PEM CA bundle that signed the server certificate")
+    group.add_argument("--cert-file", help="client certificate (PEM) for mutual TLS")
+    group.add_argument("--key-file", help="client private key (PEM) for mutual TLS")
+    group.add_argument("--server-name", help="host name to verify in the server certificate")
+    group.add_argument("--token", help=f"bearer token (default: env {TOKEN_ENV})")
+    group.add_argument("--token-file", help="read the bearer token from this file")
+    group.add_argument("--gzip", action="store_true", help="gzip-compress requests")
+    group.add_argument("--retries", type=int, default=3, help="attempts per call when it is safe to retry")
+    return parser
+
+
+def _client(args: argparse.Namespace) -> InferenceClient:
+    token = args.token
+    if args.token_file:
+        token = Path(args.token_file).expanduser().read_text().strip()
+    token = token or os.environ.get(TOKEN_ENV) or None
+    tls: TLSConfig | bool | None = None
+    if args.tls or args.ca_file or args.cert_file or args.key_file or args.server_name:
+        tls = TLSConfig(args.ca_file, args.cert_file, args.key_file, args.server_name)
+    return InferenceClient(
+        args.address,
+        tls=tls,
+        token=token,
+        compression="gzip" if args.gzip else None,
+        timeout=args.timeout,
+        retry=RetryPolicy(max_attempts=max(1, args.retries)),
+    )
+
+
+def _fail(error: Exception) -> int:
+    """Report an error; 2 for unreachable servers and usage/file problems, 1 for request errors."""
+    print(f"tensorwire: {error}", file=sys.stderr)
+    if isinstance(error, UnavailableError):
+        return 2
+    return 1 if isinstance(error, InferenceServerError) else 2
+
+
+def _print_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+def _message_dict(message: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+# -------------------------------------------------------------------------- health
+
+
+def health(argv: Sequence[str]) -> int:
+    """``tensorwire health``: exit 0 when the server (and each ``--model``) is live and ready."""
+    parser = _connection_parser("tensorwire health", "Check server liveness/readiness and model readiness.")
+    parser.add_argument("-m", "--model", action="append", default=[], help="also check this model (repeat)")
+    parser.add_argument("--version", help="model version to check (default: the server's choice)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args(list(argv))
+    report: dict[str, Any] = {"address": args.address}
+    try:
+        with _client(args) as client:
+            report["live"] = client.server_live()
+            report["ready"] = client.server_ready()
+            models: dict[str, Any] = {}
+            for model in args.model:
+                try:
+                    models[model] = client.model_ready(model, args.version)
+                except InferenceServerError as error:
+                    if isinstance(error, UnavailableError):
+                        raise
+                    models[model] = False
+                    report.setdefault("errors", {})[model] = str(error)
+            if models:
+                report["models"] = models
+    except (InferenceServerError, OSError, ValueError) as error:
+        report.setdefault("live", False)
+        report.setdefault("ready", False)
+        report["error"] = str(error)
+        if args.json:
+            _print_json(report)
+        else:
+            print(f"tensorwire: {args.address}: {error}", file=sys.stderr)
+        return 2
+    healthy = report["live"] and report["ready"] and all(report.get("models", {}).values())
+    if args.json:
+        _print_json(report)
+    else:
+        yes = {True: "yes", False: "no"}
+        print(f"server {args.address}: live={yes[report['live']]} ready={yes[report['ready']]}")
+        for model, ready in report.get("models", {}).items():
+            why = report.get("errors", {}).get(model)
+            print(f"model {model}: ready={yes[ready]}" + (f" ({why})" if why else ""))
+    return 0 if healthy else 1
+
+
+# ------------------------------------------------------------------------ metadata
+
+
+def metadata(argv: Sequence[str]) -> int:
+    """``tensorwire metadata``: server metadata, or a model's metadata/config/statistics, as JSON."""
+    parser = _connection_parser("tensorwire metadata", "Show server or model metadata as JSON.")
+    parser.add_argument("-m", "--model", help="show this model (default: the server)")
+    parser.add_argument("--version", help="model version")
+    parser.add_argument("--config", action="store_true", help="include the model configuration")
+    parser.add_argument("--stats", action="store_true", help="include inference statistics")
+    parser.add_argument("--index", action="store_true", help="include the repository index (server view)")
+    args = parser.parse_args(list(argv))
+    try:
+        with _client(args) as client:
+            out: dict[str, Any]
+            if args.model:
+                out = {"metadata": _message_dict(client.model_metadata(args.model, args.version))}
+                if args.config:
+                    out["config"] = _message_dict(client.model_config(args.model, args.version))
+                if args.stats:
+                    out["statistics"] = _message_dict(client.model_statistics(args.model, args.version))
+            else:
+                out = {"server": _message_dict(client.server_metadata())}
+                if args.index:
+                    out["models"] = [_message_dict(m) for m in client.repository_index()]
+                if args.stats:
+                    out["statistics"] = _message_dict(client.model_statistics())
+    except (InferenceServerError, OSError, ValueError) as error:
+        return _fail(error)
+    _print_json(out)
+    return 0
+
+
+# --------------------------------------------------------------------------- infer
+
+
+def _load_json_inputs(path: Path) -> dict[str, Any]:
+    """``{"NAME": [...]}`` or the v2 REST form ``{"inputs": [{"name", "datatype", "shape", "data"}]}``."""
+    document = json.loads(path.read_text())
+    if isinstance(document, dict) and isinstance(document.get("inputs"), list):
+        inputs: dict[str, Any] = {}
+        for entry in document["inputs"]:
+            name, datatype = entry["name"], entry.get("datatype")
+            data = entry["data"]
+            if datatype == "BYTES":
+                array = np.array(data, dtype=object)
+            elif datatype == "BF16":
+                floats = np.asarray(data, np.float32)
+                inputs[name] = Tensor(floats.reshape(entry.get("shape", floats.shape)), "BF16")
+                continue
+            else:
+                array = np.asarray(data, dtype=codec.NUMPY_DTYPES[datatype]) if datatype else np.asarray(data)
+            if "shape" in entry:
+                array = array.reshape(entry["shape"])
+            inputs[name] = array
+        return inputs
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: expected a JSON object of input name -> nested list")
+    return {name: np.asarray(value) for name, value in document.items()}
+
+
+def _load_inputs(specs: Sequence[str]) -> dict[str, Any]:
+    """Inputs from ``NAME=file.npy``, ``file.npz`` and ``file.json`` arguments."""
+    inputs: dict[str, Any] = {}
+    for spec in specs:
+        name, sep, file_name = spec.partition("=")
+        if not sep:
+            name, file_name = "", spec
+        path = Path(file_name).expanduser()
+        suffix = path.suffix.lower()
+        if suffix == ".npy":
+            if not name:
+                raise ValueError(f"{spec}: a .npy file needs an input name, as NAME={spec}")
+            inputs[name] = np.load(path, allow_pickle=False)
+        elif suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {key: archive[key] for key in archive.files}
+            if name:
+                if len(arrays) != 1:
+                    raise ValueError(f"{spec}: NAME=file.npz needs an archive with exactly one array")
+                arrays = {name: next(iter(arrays.values()))}
+            inputs.update(arrays)
+        elif suffix == ".json":
+            loaded = _load_json_inputs(path)
+            if name:
+                if len(loaded) != 1:
+                    raise ValueError(f"{spec}: NAME=file.json needs a document with exactly one input")
+                loaded = {name: next(iter(loaded.values()))}
+            inputs.update(loaded)
+        else:
+            raise ValueError(f"{spec}: inputs must be .npy, .npz or .json files")
+    if not inputs:
+        raise ValueError("no inputs given")
+    return inputs
+
+
+def _conform(inputs: dict[str, Any], model_inputs: Any, bf16_names: set[str]) -> dict[str, Any]:
+    """Cast arrays to the model's declared datatypes and add a missing batch dimension.
+
+    JSON numbers carry no width and saved arrays are often float64, so the model's
+    metadata decides; anything that does not match is left for the server to refuse.
+    """
+    declared = {tensor.name: tensor for tensor in model_inputs}
+    out: dict[str, Any] = {}
+    for name, value in inputs.items():
+        meta = declared.get(name)
+        if isinstance(value, Tensor) or meta is None:
+            wrap = name in bf16_names and not isinstance(value, Tensor)
+            out[name] = Tensor(value, "BF16") if wrap else value
+            continue
+        array = np.asarray(value)
+        shape = list(meta.shape)
+        if shape and shape[0] == -1 and array.ndim == len(shape) - 1:
+            array = array[np.newaxis, ...]
+        if meta.datatype == "BF16" or name in bf16_names:
+            out[name] = Tensor(array.astype(np.float32), "BF16")
+        elif meta.datatype == "BYTES":
+            out[name] = array if array.dtype.kind in "OSU" else array.astype(str)
+        elif meta.datatype in codec.NUMPY_DTYPES and array.dtype.kind not in "OSU":
+            out[name] = array.astype(codec.NUMPY_DTYPES[meta.datatype], copy=False)
+        else:
+            out[name] = array
+    return out
+
+
+def _json_array(array: np.ndarray, datatype: str) -> dict[str, Any]:
+    if datatype == "BYTES":
+        data: list[Any] = []
+        for element in array.ravel():
+            try:
+                data.append(element.decode("utf-8"))
+            except UnicodeDecodeError:
+                data.append({"b64": base64.b64encode(element).decode("ascii")})
+    else:
+        data = array.ravel().tolist()
+    return {"datatype": datatype, "shape": list(array.shape), "data": data}
+
+
+def _result_json(result: InferResult) -> dict[str, Any]:
+    return {
+        "model_name": result.model_name,
+        "model_version": result.model_version,
+        "id": result.id,
+        "outputs": {name: _json_array(array, result.datatypes[name]) for name, array in result.items()},
+    }
+
+
+def infer(argv: Sequence[str]) -> int:
+    """``tensorwire infer``: send inputs from files, write outputs to ``.npz``/``.json`` or stdout."""
+    parser = _connection_parser(
+        "tensorwire infer",
+        "Run one inference with inputs from .npy (NAME=file.npy), .npz or .json files.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="[NAME=]FILE", help="input files (.npy needs NAME=)")
+    parser.add_argument("-m", "--model", required=True, help="model name")
+    parser.add_argument("--version", help="model version (default: the server's choice)")
+    parser.add_argument("--outputs", help="comma-separated output names to return (default: all)")
+    parser.add_argument("-o", "--output", help="write outputs to FILE.npz or .json (default: stdout JSON)")
+    parser.add_argument("--bf16", action="append", default=[], metavar="NAME", help="send this input as BF16")
+    parser.add_argument("--id", help="request id (echoed back)")
+    parser.add_argument("--priority", type=int, help="queue priority level (1 is the highest)")
+    parser.add_argument("--no-conform", action="store_true",
+                        help="send arrays as they are (no casting to the model's datatypes)")
+    args = parser.parse_args(list(argv))
+    if args.output and Path(args.output).suffix.lower() not in (".npz", ".json"):
+        parser.error("--output must end in .npz or .json")
+    try:
+        inputs = _load_inputs(args.inputs)
+        with _client(args) as client:
+            if not args.no_conform:
+                meta = client.model_metadata(args.model, args.version)
+                inputs = _conform(inputs, meta.inputs, set(args.bf16))
+            else:
+                inputs = {k: Tensor(v, "BF16") if k in args.bf16 else v for k, v in inputs.items()}
+            outputs = [name for name in args.outputs.split(",") if name] if args.outputs else None
+            result = client.infer(
+                args.model, inputs, outputs=outputs, version=args.version,
+                request_id=args.id, priority=args.priority,
+            )
+    except (InferenceServerError, OSError, ValueError) as error:
+        return _fail(error)
+    if args.output and args.output.lower().endswith(".npz"):
+        # BYTES outputs become fixed-width bytes arrays: .npz files stay loadable without pickle.
+        arrays = {name: array.astype(bytes) if array.dtype == object else array
+                  for name, array in result.items()}
+        np.savez(args.output, **arrays)
+        print(f"wrote {', '.join(result)} to {args.output}", file=sys.stderr)
+    elif args.output:
+        Path(args.output).write_text(json.dumps(_result_json(result), indent=2) + "\n")
+        print(f"wrote {', '.join(result)} to {args.output}", file=sys.stderr)
+    else:
+        _print_json(_result_json(result))
+    return 0
