@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import grpc
 
@@ -41,6 +42,18 @@ _KINDS = {"cpu": pb.ModelInstanceGroup.KIND_CPU, "gpu": pb.ModelInstanceGroup.KI
 #: Request parameters we act on; others (e.g. binary_data_output) are accepted and ignored.
 _UNSUPPORTED_PARAMETERS = {"sequence_id", "sequence_start", "sequence_end"}
 _STREAM_WINDOW = 1024  # in-flight requests per stream before we stop reading (backpressure)
+
+
+@dataclass(eq=False)
+class _StreamItem:
+    """One request of a stream on its way: queued in a batcher (``future``) or already failed."""
+
+    request: pb.ModelInferRequest
+    started: int
+    version: ModelVersion | None = None
+    core: InferenceRequest | None = None
+    future: asyncio.Future | None = None
+    error: ServingError | None = None
 
 
 def status_of(err: ServingError) -> grpc.StatusCode:
@@ -175,53 +188,67 @@ class Servicer:
         return response
 
     async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest], context):
-        """Pipelined: requests run concurrently, responses go back in request order."""
-        pending: asyncio.Queue = asyncio.Queue(maxsize=_STREAM_WINDOW)
+        """Pipelined: each request is queued for batching as soon as it is read, and the answers
+        go back in request order; a failed request is answered in-band and the stream goes on."""
+        pending: asyncio.Queue[_StreamItem | None] = asyncio.Queue(maxsize=_STREAM_WINDOW)
 
         async def read() -> None:
             async for request in requests:
-                await pending.put(asyncio.ensure_future(self._stream_one(request)))
+                await pending.put(self._stream_submit(request))
             await pending.put(None)
 
         reader = asyncio.ensure_future(read())
+        current: _StreamItem | None = None
         try:
             while True:
-                task = await pending.get()
-                if task is None:
+                current = await pending.get()
+                if current is None:
                     break
-                yield await task
+                yield await self._stream_answer(current)
             await reader
         finally:
             reader.cancel()
+            leftovers = [current] if current is not None else []
             while not pending.empty():
-                task = pending.get_nowait()
-                if task is not None:
-                    task.cancel()
+                leftovers.append(pending.get_nowait())
+            for item in leftovers:
+                if item is not None and item.core is not None:
+                    item.version.batcher.cancel(item.core)  # the caller went away: never run these
 
-    async def _stream_one(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
-        started = time.perf_counter_ns()
-        version: ModelVersion | None = None
+    def _stream_submit(self, request: pb.ModelInferRequest) -> _StreamItem:
+        """Validate and queue one stream request without waiting for it (no task per message)."""
+        item = _StreamItem(request, time.perf_counter_ns())
         try:
-            try:
-                version = self.manager.resolve(request.model_name, request.model_version)
-                core = build_request(version, request, None)
-                outputs = await version.infer(core)
-            except (ServingError, asyncio.CancelledError):
-                raise
-            except Exception as err:  # noqa: BLE001 - a bug of ours: INTERNAL, traceback to the log
-                raise internal_error(request.model_name, err) from err
+            item.version = self.manager.resolve(request.model_name, request.model_version)
+            item.core = build_request(item.version, request, None)
+            item.future = item.version.batcher.submit(item.core)
         except ServingError as err:
-            if version is not None and err.status not in ("INTERNAL", "DEADLINE_EXCEEDED"):
-                version.stats.record_failure(time.perf_counter_ns() - started, err.status.lower())
-            return pb.ModelStreamInferResponse(
-                error_message=f"{err.status}: {err}",
-                infer_response=pb.ModelInferResponse(
-                    model_name=request.model_name, model_version=request.model_version, id=request.id
-                ),
-            )
-        response = build_response(version, request.id, outputs)
-        version.stats.record_success(time.perf_counter_ns() - started)
-        return pb.ModelStreamInferResponse(infer_response=response)
+            item.error, item.core = err, None
+        except Exception as err:  # noqa: BLE001 - a bug of ours: INTERNAL, traceback to the log
+            item.error, item.core = internal_error(request.model_name, err), None
+        return item
+
+    async def _stream_answer(self, item: _StreamItem) -> pb.ModelStreamInferResponse:
+        request, version = item.request, item.version
+        if item.error is None:
+            try:
+                outputs = await item.future
+                item.core = None
+            except ServingError as err:
+                item.error, item.core = err, None
+            else:
+                response = build_response(version, request.id, outputs)
+                version.stats.record_success(time.perf_counter_ns() - item.started)
+                return pb.ModelStreamInferResponse(infer_response=response)
+        err = item.error
+        if version is not None and err.status not in ("INTERNAL", "DEADLINE_EXCEEDED"):
+            version.stats.record_failure(time.perf_counter_ns() - item.started, err.status.lower())
+        return pb.ModelStreamInferResponse(
+            error_message=f"{err.status}: {err}",
+            infer_response=pb.ModelInferResponse(
+                model_name=request.model_name, model_version=request.model_version, id=request.id
+            ),
+        )
 
     # --------------------------------------------------------- registration
 
