@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -266,7 +267,9 @@ def write_model_config(config: ModelConfigFile, model_dir: Path) -> Path:
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     path = model_dir / CONFIG_FILE
-    tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(tomli_w.dumps(config.to_toml_dict()), encoding="utf-8")
+    # A unique temporary name per writer: concurrent publishers never share a half-written file.
+    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".toml.tmp", dir=model_dir)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(tomli_w.dumps(config.to_toml_dict()))
     os.replace(tmp, path)
     return path

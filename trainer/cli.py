@@ -1,0 +1,209 @@
+"""The trainer's subcommands of the ``tensorwire`` script: fit, export, quantize, publish, train.
+
+Each function takes the arguments after the subcommand and returns an exit
+code: 0 on success, 2 with one line ``tensorwire <command>: error: ...`` on a
+problem the user can fix. Options come from flags or a TOML file
+(``--config``); flags win. See :mod:`.options` for the precedence rules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tensorwire.trainer.config import ExportOptions, FitOptions, PublishOptions, QuantizeOptions, TrainOptions
+from tensorwire.trainer.errors import TrainerError
+from tensorwire.trainer.options import add_options, check_config_keys, read_config_file, resolve
+
+SECTIONS: dict[str, tuple[type, ...]] = {
+    "fit": (FitOptions,),
+    "export": (ExportOptions,),
+    "quantize": (QuantizeOptions,),
+    "publish": (PublishOptions,),
+    "train": (TrainOptions,),
+}
+
+DESCRIPTIONS = {
+    "fit": "Train a model with PyTorch DDP: N worker processes through the elastic launcher "
+    "(torchrun's machinery), gloo on CPU, NCCL on GPUs. Writes checkpoints every epoch, best.pt "
+    "and a JSON-lines metrics log into the run folder.",
+    "export": "Export the run's best checkpoint to ONNX (dynamic batch, one file) and TorchScript, "
+    "each checked against the eager model on random batches.",
+    "quantize": "INT8-quantize the run's ONNX model with ONNX Runtime and compare FP32 and INT8 "
+    "accuracy on the held-out test split.",
+    "publish": "Write the run's model into a model repository as the next version, with a generated "
+    "config.toml.",
+    "train": "fit, export, quantize and publish in one go: data and a model in, published repository "
+    "entries out.",
+}
+
+EXAMPLES = {
+    "fit": "example: tensorwire fit --data digits --model cnn --nproc-per-node 2 --run runs/digits",
+    "export": "example: tensorwire export --run runs/digits",
+    "quantize": "example: tensorwire quantize --run runs/digits",
+    "publish": "example: tensorwire publish --run runs/digits --repo models --format int8",
+    "train": "example: tensorwire train --data digits --nproc-per-node 2 --repo models --name digits_cnn",
+}
+
+#: Options of the single steps that ``train`` decides itself.
+TRAIN_EXCLUDES = ("format", "formats", "version", "checkpoint")
+
+
+def _parser(command: str, classes: Sequence[type]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"tensorwire {command}",
+        description=DESCRIPTIONS[command],
+        epilog=EXAMPLES[command],
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        default=None,
+        help="read options from a TOML file: top-level keys, or [fit]/[export]/[quantize]/[publish] "
+        "tables; flags win",
+    )
+    add_options(parser, classes, exclude=TRAIN_EXCLUDES if command == "train" else ())
+    return parser
+
+
+def _parse(command: str, argv: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any], str]:
+    classes = (
+        [cls for name in ("fit", "export", "quantize", "publish", "train") for cls in SECTIONS[name]]
+        if command == "train"
+        else list(SECTIONS[command])
+    )
+    args = vars(_parser(command, classes).parse_args(list(argv)))
+    source = args.pop("config", None)
+    config = read_config_file(source)
+    check_config_keys(config, str(source), SECTIONS)
+    return config, args, str(source)
+
+
+def _run(command: str, argv: Sequence[str] | None, body: Callable[[dict, dict, str], None]) -> int:
+    try:
+        config, flags, source = _parse(command, sys.argv[2:] if argv is None else argv)
+        body(config, flags, source)
+    except SystemExit as stop:  # argparse: --help, or a usage error (already printed)
+        return int(stop.code or 0)
+    except TrainerError as err:
+        print(f"tensorwire {command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tensorwire {command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _fit(config: dict, flags: dict, source: str) -> dict[str, Any]:
+    from tensorwire.trainer.launch import fit as run_fit
+
+    opts, explicit = resolve(FitOptions, "fit", config, flags, source)
+    summary = run_fit(opts, explicit)
+    if summary.get("on_other_node"):
+        print(
+            "fit: this machine's workers finished; the machine running rank 0 holds the checkpoints and log"
+        )
+    else:
+        print(
+            f"fit: {summary['stopped']} after epoch {summary['last_epoch']}; best val_accuracy "
+            f"{summary['best_val_accuracy']:.4f} at epoch {summary['best_epoch']} -> {opts.run}/best.pt"
+        )
+    return summary
+
+
+def _export(config: dict, flags: dict, source: str, formats: list[str] | None = None) -> None:
+    from tensorwire.trainer.export import export as run_export
+
+    opts, _ = resolve(ExportOptions, "export", config, flags, source)
+    if formats is not None:
+        opts.formats = formats
+    report = run_export(opts)
+    for fmt in ("onnx", "torchscript"):
+        if fmt in report:
+            part = report[fmt]
+            diffs = ", ".join(f"batch {b}: {d:.2g}" for b, d in part["max_abs_diff"].items())
+            print(
+                f"export: {part['file']}  max abs diff vs eager ({diffs})  "
+                f"test accuracy {part['accuracy']:.4f}"
+            )
+
+
+def _quantize(config: dict, flags: dict, source: str) -> None:
+    from tensorwire.trainer.quantize import quantize as run_quantize
+
+    opts, _ = resolve(QuantizeOptions, "quantize", config, flags, source)
+    report = run_quantize(opts)
+    print(
+        f"quantize: {report['mode']} INT8 -> {report['file']}  "
+        f"test accuracy FP32 {report['fp32_accuracy']:.4f}, "
+        f"INT8 {report['int8_accuracy']:.4f} (drop {report['accuracy_drop_points']:.2f} points, "
+        f"top-1 agreement {report['top1_agreement']:.4f})"
+    )
+    if not report["within_threshold"]:
+        print(
+            f"quantize: warning: the drop exceeds {report['max_accuracy_drop']:g} points; "
+            "publish will refuse this model unless --force",
+            file=sys.stderr,
+        )
+
+
+def _publish(config: dict, flags: dict, source: str, fmt: str | None = None, name: str | None = None) -> None:
+    from tensorwire.trainer.publish import publish as run_publish
+
+    opts, _ = resolve(PublishOptions, "publish", config, flags, source)
+    result = run_publish(opts, fmt=fmt, name=name)
+    print(
+        f"publish: {result['name']} version {result['version']} ({result['backend']}, test accuracy "
+        f"{result['accuracy']}) -> {result['path']}"
+    )
+
+
+def _train(config: dict, flags: dict, source: str) -> None:
+    from tensorwire.trainer.publish import FORMATS
+
+    formats = resolve(TrainOptions, "train", config, flags, source)[0].publish_formats
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise TrainerError(
+            f"--publish-formats: unknown format {unknown[0] if unknown else '(none)'!r}; "
+            f"use {', '.join(FORMATS)}"
+        )
+    base = resolve(PublishOptions, "publish", config, flags, source)[0].name
+    if base:  # a bad name must fail now, not after training
+        from tensorwire.proto.repository import RepositoryConfigError, check_model_name
+
+        try:
+            check_model_name(base)
+        except RepositoryConfigError as err:
+            raise TrainerError(str(err)) from None
+    if _fit(config, flags, source).get("on_other_node"):
+        return  # export, quantize and publish happen where rank 0 wrote the checkpoints
+    _export(config, flags, source, formats=["onnx"] + (["torchscript"] if "torchscript" in formats else []))
+    if "int8" in formats:
+        _quantize(config, flags, source)
+    # INT8 last: if it is refused for lost accuracy, the others are already published.
+    for fmt in sorted(formats, key=lambda f: f == "int8"):
+        _publish(config, flags, source, fmt=fmt, name=f"{base}{FORMATS[fmt][1]}" if base else None)
+
+
+def fit(argv: Sequence[str] | None = None) -> int:
+    return _run("fit", argv, _fit)
+
+
+def export(argv: Sequence[str] | None = None) -> int:
+    return _run("export", argv, _export)
+
+
+def quantize(argv: Sequence[str] | None = None) -> int:
+    return _run("quantize", argv, _quantize)
+
+
+def publish(argv: Sequence[str] | None = None) -> int:
+    return _run("publish", argv, _publish)
+
+
+def train(argv: Sequence[str] | None = None) -> int:
+    return _run("train", argv, _train)

@@ -1,0 +1,239 @@
+"""Built-in model families and user factories.
+
+Every model maps a batch of samples shaped ``(B, *sample_shape)`` to logits
+``(B, num_classes)``. Models are rebuilt from a name and keyword arguments
+(stored in the checkpoint), never unpickled, so checkpoints stay loadable with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from tensorwire.trainer.errors import TrainerError
+
+
+class Standardize(nn.Module):
+    """(x - mean) / std with per-feature statistics of the training split, baked into the model."""
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(*shape))
+        self.register_buffer("std", torch.ones(*shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class MLP(nn.Module):
+    """Flatten, then Linear-ReLU-Dropout blocks: the Linear-heavy baseline."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        hidden: Sequence[int] = (256, 128),
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = math.prod(input_shape)
+        for size in hidden:
+            layers += [nn.Linear(width, int(size)), nn.ReLU(), nn.Dropout(dropout)]
+            width = int(size)
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with batch norm and an identity (or 1x1) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNetCNN(nn.Module):
+    """A small ResNet: a 3x3 stem, three stages (width, 2x, 4x; stride 2 after the first), pool, head."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        width: int = 32,
+        blocks: int = 1,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if len(input_shape) != 3:
+            raise TrainerError(
+                f"model 'cnn' needs image samples shaped (C, H, W); got {list(input_shape)} "
+                "(pass --input-shape C,H,W to reshape)"
+            )
+        channels = int(input_shape[0])
+        self.stem = nn.Sequential(
+            nn.Conv2d(channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        stages: list[nn.Module] = []
+        cin = width
+        for index, cout in enumerate((width, 2 * width, 4 * width)):
+            for block in range(blocks):
+                stages.append(BasicBlock(cin, cout, 2 if index > 0 and block == 0 else 1))
+                cin = cout
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(cin, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(x)))
+
+
+class TransformerClassifier(nn.Module):
+    """Transformer encoder over tokens: (L, D) samples are L tokens; (C, H, W) images are H rows
+    of C*W values; flat (F,) vectors are F one-value tokens. Mean-pooled, then a linear head."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        d_model: int = 64,
+        heads: int = 4,
+        layers: int = 2,
+        ff: int = 128,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        shape = list(input_shape)
+        if len(shape) == 1:
+            tokens, features = shape[0], 1
+        elif len(shape) == 2:
+            tokens, features = shape
+        elif len(shape) == 3:
+            tokens, features = shape[1], shape[0] * shape[2]
+        else:
+            raise TrainerError(f"model 'transformer' takes samples of 1 to 3 dimensions; got {shape}")
+        if d_model % heads:
+            raise TrainerError(f"model 'transformer': d_model {d_model} must be divisible by heads {heads}")
+        self.tokens, self.features = int(tokens), int(features)
+        self.embed = nn.Linear(self.features, d_model)
+        self.position = nn.Parameter(torch.zeros(1, self.tokens, d_model))
+        nn.init.normal_(self.position, std=0.02)
+        layer = nn.TransformerEncoderLayer(d_model, heads, ff, dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:  # (B, C, H, W) -> (B, H, C*W)
+            x = x.permute(0, 2, 1, 3).flatten(2)
+        x = x.reshape(x.shape[0], self.tokens, self.features)
+        h = self.encoder(self.embed(x) + self.position)
+        return self.head(self.norm(h.mean(dim=1)))
+
+
+BUILTIN: dict[str, Callable[..., nn.Module]] = {
+    "mlp": MLP,
+    "cnn": ResNetCNN,
+    "transformer": TransformerClassifier,
+}
+
+
+def _import_factory(spec: str) -> Callable[..., nn.Module]:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise TrainerError(
+            f"unknown model {spec!r}: use one of {sorted(BUILTIN)} or 'package.module:factory'"
+        )
+    if os.getcwd() not in sys.path:  # like `python -m`: a user's module next to their data is importable
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise TrainerError(f"model {spec!r}: cannot import module {module_name!r} ({err})") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise TrainerError(f"model {spec!r}: module {module_name!r} has no callable {attr!r}")
+    return factory
+
+
+def build_model(
+    name: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    kwargs: dict | None = None,
+    dropout: float | None = None,
+    standardize: bool = False,
+) -> nn.Module:
+    """A fresh model; ``kwargs`` are the family's options (``--model-arg``), checked by name.
+
+    ``dropout`` is passed only to factories that take it, so a user's factory
+    need not accept options it has no use for.
+    """
+    factory = BUILTIN.get(name) or _import_factory(name)
+    kwargs = dict(kwargs or {})
+    params = inspect.signature(factory).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if dropout is not None and "dropout" not in kwargs and ("dropout" in params or takes_any):
+        kwargs["dropout"] = dropout
+    unknown = [k for k in kwargs if k not in params and not takes_any]
+    if unknown:
+        allowed = [k for k in params if k not in ("input_shape", "num_classes")]
+        raise TrainerError(
+            f"model {name!r} takes no argument {unknown[0]!r} (it takes: {', '.join(allowed)})"
+        )
+    try:
+        model = factory(
+            input_shape=tuple(int(d) for d in input_shape), num_classes=int(num_classes), **kwargs
+        )
+    except TrainerError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise TrainerError(f"model {name!r} could not be built: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise TrainerError(
+            f"model {name!r}: the factory returned {type(model).__name__}, not a torch.nn.Module"
+        )
+    if standardize:
+        model = nn.Sequential(Standardize(input_shape), model)
+    return model
+
+
+def check_model(model: nn.Module, sample_shape: Sequence[int], num_classes: int, name: str) -> None:
+    """Run two dummy samples through the model so shape mistakes fail before training starts."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *sample_shape))
+    except Exception as err:  # noqa: BLE001 - any failure here is a model/data mismatch
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainerError(
+            f"model {name!r} cannot take samples shaped {list(sample_shape)}: {first}"
+        ) from None
+    if tuple(out.shape) != (2, num_classes):
+        raise TrainerError(
+            f"model {name!r} returned shape {list(out.shape[1:])} per sample; expected [{num_classes}] logits"
+        )

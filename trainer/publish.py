@@ -1,0 +1,234 @@
+"""``tensorwire publish``: put an exported model into a model repository (DESIGN §4).
+
+The model's ``config.toml`` is written (atomically) before its new version
+folder appears; the version folder is assembled under a hidden temporary name
+(``.tmp-...``: not a number, so servers ignore it) and renamed into place in one
+step, so a server never sees half a version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tensorwire.proto.repository import (
+    DEFAULT_FILENAMES,
+    DynamicBatching,
+    InstanceGroup,
+    ModelConfigFile,
+    RepositoryConfigError,
+    TensorSpec,
+    VersionPolicy,
+    available_versions,
+    check_model_name,
+    load_model_config,
+    write_model_config,
+)
+from tensorwire.trainer.artifacts import INPUT_NAME, OUTPUT_NAME
+from tensorwire.trainer.config import PublishOptions
+from tensorwire.trainer.errors import TrainerError
+from tensorwire.trainer.runfolder import RunFolder, load_checkpoint, read_json
+
+#: Hidden (not a version number), so servers ignore it.
+LOCK_FILE = ".publish.lock"
+
+#: format -> (backend, name suffix)
+FORMATS = {
+    "onnx": ("onnxruntime", ""),
+    "int8": ("onnxruntime", "_int8"),
+    "torchscript": ("torchscript", "_ts"),
+}
+
+
+def default_name(spec: dict[str, Any], fmt: str) -> str:
+    """``<dataset>_<model>`` (+ ``_int8`` / ``_ts``), e.g. ``digits_cnn_int8``."""
+    dataset = re.sub(r"\[.*", "", spec["dataset"]).rsplit(".", 1)[0]
+    model = spec["name"].rsplit(":", 1)[-1]
+    base = re.sub(r"[^A-Za-z0-9_.\-]+", "_", f"{dataset}_{model}").strip("_.-") or "model"
+    return base + FORMATS[fmt][1]
+
+
+def _artifact(run: RunFolder, fmt: str) -> Path:
+    path = {"onnx": run.onnx, "int8": run.int8, "torchscript": run.torchscript}[fmt]
+    if not path.is_file():
+        step = "quantize" if fmt == "int8" else "export"
+        raise TrainerError(f"{path}: missing (run 'tensorwire {step} --run {run.root}' first)")
+    return path
+
+
+def _accuracy_metadata(run: RunFolder, fmt: str, opts: PublishOptions) -> dict[str, str]:
+    """The accuracy report for ``[metadata]``; refuses an INT8 model that lost too much accuracy."""
+    if fmt == "int8":
+        report = read_json(run.quantize_report, "written by 'tensorwire quantize'")
+        drop = float(report["accuracy_drop_points"])
+        if drop > opts.max_accuracy_drop and not opts.force:
+            raise TrainerError(
+                f"INT8 accuracy dropped {drop:.2f} points (FP32 {report['fp32_accuracy']:.4f} -> INT8 "
+                f"{report['int8_accuracy']:.4f}), more than --max-accuracy-drop {opts.max_accuracy_drop:g}; "
+                "not published (pass --force to publish anyway)"
+            )
+        return {
+            "accuracy": f"{report['int8_accuracy']:.4f}",
+            "fp32_accuracy": f"{report['fp32_accuracy']:.4f}",
+            "int8_accuracy": f"{report['int8_accuracy']:.4f}",
+            "accuracy_drop_points": f"{drop:.2f}",
+            "top1_agreement": f"{report['top1_agreement']:.4f}",
+            "quantization": f"{report['mode']} int8, per_channel={str(report['per_channel']).lower()}",
+            "test_samples": str(report["test_samples"]),
+        }
+    report = read_json(run.export_report, "written by 'tensorwire export'")
+    part = report.get(fmt)
+    if part is None:
+        raise TrainerError(
+            f"{run.export_report}: has no {fmt} export (run 'tensorwire export --formats {fmt}')"
+        )
+    diffs = part["max_abs_diff"]
+    return {
+        "accuracy": f"{part['accuracy']:.4f}",
+        "eager_accuracy": f"{report['eager_accuracy']:.4f}",
+        "export_max_abs_diff": f"{max(diffs.values()):.3g} (batches {','.join(diffs)})",
+        "test_samples": str(report["test_samples"]),
+    }
+
+
+def build_config(
+    spec: dict[str, Any],
+    backend: str,
+    opts: PublishOptions,
+    metadata: dict[str, str],
+    policy: VersionPolicy | None = None,
+) -> ModelConfigFile:
+    preferred = sorted({size for size in opts.preferred_batch_sizes if 0 < size <= opts.max_batch_size})
+    try:
+        return ModelConfigFile(
+            backend=backend,
+            max_batch_size=opts.max_batch_size,
+            version_policy=policy or VersionPolicy(latest=1),
+            inputs=[TensorSpec(name=INPUT_NAME, datatype="FP32", dims=list(spec["input_shape"]))],
+            outputs=[TensorSpec(name=OUTPUT_NAME, datatype="FP32", dims=[spec["num_classes"]])],
+            dynamic_batching=DynamicBatching(
+                max_queue_delay_us=opts.max_queue_delay_us, preferred_batch_sizes=preferred
+            ),
+            instance_group=[InstanceGroup(kind=opts.instance_kind, count=opts.instances)],
+            metadata=metadata,
+        )
+    except ValueError as err:  # pydantic: name the first problem in one line
+        first = str(err).splitlines()
+        raise TrainerError(
+            f"invalid model config: {first[2].strip() if len(first) > 2 else first[0]}"
+        ) from None
+
+
+def _existing_policy(model_dir: Path) -> VersionPolicy | None:
+    """Keep a version policy someone chose by hand (e.g. all = true) when adding a version."""
+    try:
+        return load_model_config(model_dir).version_policy if (model_dir / "config.toml").exists() else None
+    except RepositoryConfigError:
+        return None
+
+
+@contextlib.contextmanager
+def _publish_lock(model_dir: Path) -> Iterator[None]:
+    """One publisher per model at a time (also across processes): config.toml is rewritten on
+    every publish through a fixed temporary name, and the next version number is read then taken."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    with open(model_dir / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def install_version(model_dir: Path, artifact: Path, filename: str, version: int = 0) -> int:
+    """Copy ``artifact`` into ``model_dir/<version>/filename`` atomically; returns the version.
+
+    With ``version == 0`` the next free number is taken; if another publisher
+    takes it first, the rename fails and the next one is tried.
+    """
+    tmp = model_dir / f".tmp-{os.getpid()}-{os.urandom(4).hex()}"
+    tmp.mkdir(parents=True)
+    try:
+        shutil.copyfile(artifact, tmp / filename)
+        _fsync(tmp / filename)
+        _fsync(tmp)
+        candidate = version or (max(available_versions(model_dir), default=0) + 1)
+        while True:
+            target = model_dir / str(candidate)
+            if target.exists():
+                if version:
+                    raise TrainerError(
+                        f"{target}: version {version} already exists (omit --version for the next one)"
+                    )
+                candidate += 1
+                continue
+            try:
+                os.rename(tmp, target)  # atomic; fails if a concurrent publisher created it meanwhile
+            except OSError:
+                if version or not target.exists():
+                    raise
+                continue
+            _fsync(model_dir)
+            return candidate
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(opts: PublishOptions, fmt: str | None = None, name: str | None = None) -> dict[str, Any]:
+    """Publish one artifact of the run; returns where it went."""
+    fmt = fmt or opts.format
+    run = RunFolder.at(opts.run)
+    if opts.max_batch_size < 0 or opts.instances < 1 or opts.version < 0:
+        raise TrainerError("--max-batch-size must be >= 0, --instances >= 1 and --version >= 1")
+    state = load_checkpoint(run.best)
+    spec = state["model_spec"]
+    backend = FORMATS[fmt][0]
+    artifact = _artifact(run, fmt)
+    metadata = {
+        **_accuracy_metadata(run, fmt, opts),
+        "format": fmt,
+        "model": spec["name"],
+        "dataset": spec["dataset"],
+        "labels": ",".join(str(i) for i in range(spec["num_classes"])),
+        "source_checkpoint": str(run.best.resolve()),
+        "checkpoint_epoch": str(state["epoch"]),
+        "val_accuracy": f"{state['metrics']['val_accuracy']:.4f}",
+        "sha256": hashlib.sha256(artifact.read_bytes()).hexdigest(),
+        "trained_with": f"torch {state['torch_version']}",
+        "published_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    if spec["dataset"] == "digits":
+        metadata["input"] = "8x8 grey image, pixel values 0..16 divided by 16 (range 0..1)"
+    model_name = name or opts.name or default_name(spec, fmt)
+    try:
+        check_model_name(model_name)
+    except RepositoryConfigError as err:
+        raise TrainerError(str(err)) from None
+    model_dir = Path(opts.repo) / model_name
+    with _publish_lock(model_dir):
+        config = build_config(spec, backend, opts, metadata, _existing_policy(model_dir))
+        write_model_config(config, model_dir)
+        version = install_version(model_dir, artifact, DEFAULT_FILENAMES[backend], opts.version)
+    return {
+        "name": model_name,
+        "version": version,
+        "path": str(model_dir / str(version)),
+        "backend": backend,
+        "accuracy": metadata["accuracy"],
+    }
