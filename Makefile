@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	bash loadtest/perf_analyzer.sh --setup-only   # Triton's perf_analyzer for the interop test and benchmarks
 	touch $(STAMP)
 
 $(REPO)/.built: | $(STAMP)
