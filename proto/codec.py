@@ -85,6 +85,8 @@ def element_count(shape: Sequence[int]) -> int:
 
 
 _BF16_AS = ("float32", "bits", "bfloat16")
+#: Datatypes whose raw bytes need no check beyond their length (BOOL, BF16 and BYTES do).
+_ZERO_COPY = {name: NUMPY_DTYPES[name] for name in ELEMENT_SIZE if name not in ("BOOL", "BF16")}
 
 
 def _byte_view(raw: bytes | memoryview) -> memoryview:
@@ -205,6 +207,15 @@ def decode_raw(raw: bytes | memoryview, datatype: str, shape: Sequence[int], *, 
     ``bf16_as`` is ``"float32"`` (default, exact widening), ``"bits"`` (uint16
     patterns) or ``"bfloat16"`` (needs ``ml_dtypes``).
     """
+    fast = _ZERO_COPY.get(datatype)
+    if fast is not None and type(raw) is bytes:  # the common case: protobuf hands us immutable bytes
+        count = element_count(shape)
+        if len(raw) != count * fast.itemsize:
+            raise CodecError(
+                f"{datatype} tensor of shape {list(shape)} needs {count * fast.itemsize} bytes of raw contents,"
+                f" got {len(raw)}"
+            )
+        return np.frombuffer(raw, dtype=fast).reshape(shape)  # read-only: a view of immutable bytes
     if bf16_as not in _BF16_AS:
         raise CodecError(f"bf16_as must be one of {', '.join(_BF16_AS)}, not {bf16_as!r}")
     count = element_count(shape)

@@ -19,7 +19,6 @@ import bisect
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,19 +30,24 @@ from tensorwire.server.stats import ModelVersionStats
 QUEUED, RUNNING, DONE, CANCELLED, EXPIRED = "queued", "running", "done", "cancelled", "expired"
 
 
-@dataclass(eq=False)
 class InferenceRequest(WorkItem):
-    """A validated request waiting for, or in, a batch."""
+    """A validated request waiting for, or in, a batch (a slotted class: one is made per request)."""
 
-    request_id: str = ""
-    priority: int = 0  # queue index: 0 is the highest level
-    deadline: float | None = None  # event-loop time
-    shape_key: tuple = ()
-    future: asyncio.Future | None = None
-    arrival_ns: int = field(default_factory=time.perf_counter_ns)
-    state: str = QUEUED
-    timer: asyncio.TimerHandle | None = None
-    dispatch_ns: int = 0
+    __slots__ = ("request_id", "priority", "deadline", "shape_key", "future", "arrival_ns", "state", "timer",
+                 "dispatch_ns")
+
+    def __init__(self, inputs: dict[str, np.ndarray], rows: int, outputs: Sequence[str], request_id: str = "",
+                 priority: int = 0, deadline: float | None = None, shape_key: tuple = ()) -> None:
+        self.inputs, self.rows, self.outputs = inputs, rows, outputs
+        self.request_id = request_id
+        self.priority = priority  # queue index: 0 is the highest level
+        self.deadline = deadline  # event-loop time
+        self.shape_key = shape_key  # requests share a batch only when their non-batch shapes agree
+        self.future: asyncio.Future | None = None
+        self.arrival_ns = time.perf_counter_ns()
+        self.state = QUEUED
+        self.timer: asyncio.TimerHandle | None = None
+        self.dispatch_ns = 0
 
 
 def shape_key(inputs: dict[str, np.ndarray], batched: bool) -> tuple:

@@ -166,6 +166,7 @@ class ModelVersion:
         self.name, self.version, self.config = name, version, config
         self.signature = parts.signature
         self.label = f"{name}:{version}"
+        self.loop = loop
         self.replicas = [
             Replica(i, executor, placement, loop)
             for i, (executor, placement) in enumerate(zip(parts.executors, parts.placements, strict=True))

@@ -41,13 +41,13 @@ class BatchTimings:
     executions: int = 0
 
 
-@dataclass
 class WorkItem:
     """What a replica needs of a request: its inputs, rows and the outputs it wants."""
 
-    inputs: dict[str, np.ndarray]
-    rows: int
-    outputs: Sequence[str]
+    __slots__ = ("inputs", "rows", "outputs")
+
+    def __init__(self, inputs: dict[str, np.ndarray], rows: int, outputs: Sequence[str]) -> None:
+        self.inputs, self.rows, self.outputs = inputs, rows, outputs
 
 
 @dataclass

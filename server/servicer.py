@@ -14,12 +14,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 
 from tensorwire import __version__
 from tensorwire.proto import inference_pb2 as pb
 from tensorwire.proto.codec import CodecError, decode_contents, decode_raw
-from tensorwire.proto.service import METHODS, SERVICE_NAME
-from tensorwire.server.batcher import InferenceRequest, shape_key
+from tensorwire.proto.service import METHODS
+from tensorwire.server.batcher import InferenceRequest
 from tensorwire.server.errors import (
     DeadlineExceededError,
     InvalidRequestError,
@@ -29,7 +30,7 @@ from tensorwire.server.errors import (
 )
 from tensorwire.server.manager import ModelManager
 from tensorwire.server.model_version import ModelVersion
-from tensorwire.server.signature import validate_inputs
+from tensorwire.server.signature import check_input, check_rows
 
 log = logging.getLogger("tensorwire.servicer")
 
@@ -318,10 +319,8 @@ def _check_utf8(name: str, array) -> None:
                 f"input {name!r} element {index} is not UTF-8; this model's string tensors hold text") from None
 
 
-def build_request(version: ModelVersion, request: pb.ModelInferRequest,
-                  time_remaining: float | None) -> InferenceRequest:
-    """Validate and decode a ModelInferRequest into a core request (zero-copy for raw tensors)."""
-    sig = version.signature
+def _request_parameters(version: ModelVersion, request: pb.ModelInferRequest) -> tuple[int, int | None]:
+    """The request's (priority, timeout_us) parameters; other known-typed parameters are ignored."""
     settings = version.config.dynamic_batching
     priority, timeout_us = 0, None
     for name, parameter in request.parameters.items():
@@ -336,61 +335,75 @@ def build_request(version: ModelVersion, request: pb.ModelInferRequest,
             timeout_us = _int_parameter(name, parameter)
         elif name in _UNSUPPORTED_PARAMETERS and value:
             raise InvalidRequestError(f"parameter {name!r}: sequence batching is not supported by tensorwire")
+    return priority, timeout_us
+
+
+def build_request(version: ModelVersion, request: pb.ModelInferRequest,
+                  time_remaining: float | None) -> InferenceRequest:
+    """Validate and decode a ModelInferRequest into a core request (zero-copy for raw tensors).
+
+    One pass over the inputs; each is checked against the signature before its bytes are decoded.
+    This runs for every request on the event loop, so it is kept lean.
+    """
+    sig = version.signature
+    priority, timeout_us = _request_parameters(version, request) if request.parameters else (0, None)
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
+    inputs = request.inputs
+    if raw and len(raw) != len(inputs):
         raise InvalidRequestError(
-            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; send one per input, in order")
-    declared: dict[str, tuple[str, list[int]]] = {}
-    for tensor in request.inputs:
-        if tensor.name in declared:
-            raise InvalidRequestError(f"input {tensor.name!r} appears twice")
-        declared[tensor.name] = (tensor.datatype, list(tensor.shape))
-        for pname, parameter in tensor.parameters.items():
-            _parameter_value(f"{tensor.name}.{pname}", parameter)
-    rows = validate_inputs(sig, declared)
-    arrays = {}
-    for index, tensor in enumerate(request.inputs):
-        datatype, shape = declared[tensor.name]
+            f"raw_input_contents has {len(raw)} entries for {len(inputs)} inputs; send one per input, in order")
+    arrays: dict[str, np.ndarray] = {}
+    rows_by_input: dict[str, int] = {}
+    key = []
+    for index, tensor in enumerate(inputs):
+        name, datatype, shape = tensor.name, tensor.datatype, tuple(tensor.shape)
+        if name in arrays:
+            raise InvalidRequestError(f"input {name!r} appears twice")
+        check_input(sig, name, datatype, shape)
+        if tensor.parameters:
+            for pname, parameter in tensor.parameters.items():
+                _parameter_value(f"{name}.{pname}", parameter)
         try:
             if raw:
                 if tensor.HasField("contents"):
-                    raise InvalidRequestError(
-                        f"input {tensor.name!r} has both contents and raw_input_contents; send one")
-                arrays[tensor.name] = decode_raw(raw[index], datatype, shape)
+                    raise InvalidRequestError(f"input {name!r} has both contents and raw_input_contents; send one")
+                array = decode_raw(raw[index], datatype, shape)
             else:
-                arrays[tensor.name] = decode_contents(tensor.contents, datatype, shape)
+                array = decode_contents(tensor.contents, datatype, shape)
         except CodecError as err:
-            raise InvalidRequestError(f"input {tensor.name!r}: {err}") from None
-        if tensor.name in version.utf8_inputs:
-            _check_utf8(tensor.name, arrays[tensor.name])
+            raise InvalidRequestError(f"input {name!r}: {err}") from None
+        if name in version.utf8_inputs:
+            _check_utf8(name, array)
+        arrays[name] = array
+        if sig.batched:
+            rows_by_input[name] = shape[0]
+            key.append((name, shape[1:]))
+        else:
+            key.append((name, shape))
+    if len(arrays) != len(sig.inputs):
+        missing = [t.name for t in sig.inputs if t.name not in arrays]
+        raise InvalidRequestError(f"missing inputs {missing}; the model needs {[t.name for t in sig.inputs]}")
+    rows = check_rows(sig, rows_by_input)
+    outputs = sig.output_names
     if request.outputs:
         outputs = []
-        known = sig.output_names
         for tensor in request.outputs:
-            if tensor.name not in known:
-                raise InvalidRequestError(f"unknown output {tensor.name!r}; the model's outputs are {known}")
+            if tensor.name not in sig.output_names:
+                raise InvalidRequestError(
+                    f"unknown output {tensor.name!r}; the model's outputs are {sig.output_names}")
             outputs.append(tensor.name)
-    else:
-        outputs = sig.output_names
-    loop = asyncio.get_running_loop()
     deadline = None
-    limits = [t for t in (time_remaining, timeout_us / 1e6 if timeout_us else None,
-                          settings.default_timeout_us / 1e6 if settings.default_timeout_us and timeout_us is None
-                          else None) if t is not None]
-    if limits:
+    default_timeout_us = version.config.dynamic_batching.default_timeout_us
+    if time_remaining is not None or timeout_us or default_timeout_us:
+        limits = [time_remaining] if time_remaining is not None else []
+        if timeout_us or (default_timeout_us and timeout_us is None):
+            limits.append((timeout_us or default_timeout_us) / 1e6)
         remaining = min(limits)
         if remaining <= 0:
             raise DeadlineExceededError("the request's deadline had already passed when it arrived")
-        deadline = loop.time() + remaining
-    return InferenceRequest(
-        inputs=arrays,
-        rows=rows,
-        outputs=outputs,
-        request_id=request.id,
-        priority=version.batcher.priority_index(priority),
-        deadline=deadline,
-        shape_key=shape_key(arrays, sig.batched),
-    )
+        deadline = version.loop.time() + remaining
+    return InferenceRequest(arrays, rows, outputs, request.id, version.batcher.priority_index(priority),
+                            deadline, tuple(key))
 
 
 def build_response(version: ModelVersion, request_id: str, outputs: list) -> pb.ModelInferResponse:

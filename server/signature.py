@@ -8,8 +8,7 @@ request can never fail the batch it would have joined.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tensorwire.proto.repository import ModelConfigFile, TensorSpec
 from tensorwire.server.backends.base import TensorInfo
@@ -24,26 +23,31 @@ class TensorSig:
     datatype: str
     dims: tuple[int, ...]
 
+    @property
+    def fixed(self) -> tuple[tuple[int, int], ...]:
+        """(axis, size) of every fixed dimension, for the per-request shape check."""
+        return self._fixed
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_fixed", tuple((a, d) for a, d in enumerate(self.dims) if d != -1))
+
 
 @dataclass(frozen=True)
 class Signature:
     inputs: tuple[TensorSig, ...]
     outputs: tuple[TensorSig, ...]
     max_batch_size: int
-
-    @property
-    def batched(self) -> bool:
-        return self.max_batch_size > 0
+    batched: bool = field(init=False)
+    output_names: list[str] = field(init=False)
 
     def input(self, name: str) -> TensorSig | None:
         return self._inputs_by_name.get(name)
 
-    @property
-    def output_names(self) -> list[str]:
-        return [t.name for t in self.outputs]
-
     def __post_init__(self) -> None:
+        # Derived once; read on every request.
         object.__setattr__(self, "_inputs_by_name", {t.name: t for t in self.inputs})
+        object.__setattr__(self, "batched", self.max_batch_size > 0)
+        object.__setattr__(self, "output_names", [t.name for t in self.outputs])
 
     def served_shape(self, sig: TensorSig) -> list[int]:
         """The shape reported in metadata: the batch dimension (-1) first for batched models."""
@@ -117,38 +121,31 @@ def resolve_signature(
     return Signature(tuple(inputs), tuple(outputs), config.max_batch_size)
 
 
-def validate_inputs(signature: Signature, declared: dict[str, tuple[str, Sequence[int]]]) -> int:
-    """Check the inputs a request declares against the signature; return the batch size (rows).
+def check_input(signature: Signature, name: str, datatype: str, shape: tuple[int, ...]) -> TensorSig:
+    """Check one input a request declares (before its bytes are decoded, so that the caller
+    hears about a wrong shape rather than a consequent wrong byte count)."""
+    sig = signature.input(name)
+    if sig is None:
+        raise InvalidRequestError(
+            f"unknown input {name!r}; the model's inputs are {[t.name for t in signature.inputs]}"
+        )
+    if datatype != sig.datatype:
+        raise InvalidRequestError(f"input {name!r} has datatype {datatype}, expected {sig.datatype}")
+    offset = 1 if signature.batched else 0
+    if len(shape) != len(sig.dims) + offset or any(shape[axis + offset] != dim for axis, dim in sig.fixed):
+        raise InvalidRequestError(
+            f"input {name!r} has shape {list(shape)}, expected {signature.served_shape(sig)}"
+        )
+    return sig
 
-    ``declared`` maps each input name to the (datatype, shape) the request
-    stated. This runs before any tensor bytes are decoded, so the caller
-    hears about a wrong shape rather than a consequent wrong byte count.
-    """
-    for name, (datatype, shape) in declared.items():
-        sig = signature.input(name)
-        if sig is None:
-            raise InvalidRequestError(
-                f"unknown input {name!r}; the model's inputs are {[t.name for t in signature.inputs]}"
-            )
-        if datatype != sig.datatype:
-            raise InvalidRequestError(f"input {name!r} has datatype {datatype}, expected {sig.datatype}")
-        expected_rank = len(sig.dims) + (1 if signature.batched else 0)
-        expected = signature.served_shape(sig)
-        if len(shape) != expected_rank:
-            raise InvalidRequestError(f"input {name!r} has shape {list(shape)}, expected {expected}")
-        tail = shape[1:] if signature.batched else shape
-        for got, want in zip(tail, sig.dims, strict=True):
-            if want != -1 and got != want:
-                raise InvalidRequestError(f"input {name!r} has shape {list(shape)}, expected {expected}")
-    missing = [t.name for t in signature.inputs if t.name not in declared]
-    if missing:
-        raise InvalidRequestError(f"missing inputs {missing}; the model needs {[t.name for t in signature.inputs]}")
+
+def check_rows(signature: Signature, rows_by_input: dict[str, int]) -> int:
+    """The batch size (rows) the inputs agree on, within max_batch_size."""
     if not signature.batched:
         return 1
-    batch_sizes = {name: shape[0] for name, (_, shape) in declared.items()}
-    sizes = set(batch_sizes.values())
+    sizes = set(rows_by_input.values())
     if len(sizes) != 1:
-        raise InvalidRequestError(f"inputs disagree on the batch dimension (first dim): {batch_sizes}")
+        raise InvalidRequestError(f"inputs disagree on the batch dimension (first dim): {rows_by_input}")
     rows = sizes.pop()
     if rows < 1:
         raise InvalidRequestError("the batch dimension (first dim) must be at least 1")
