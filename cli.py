@@ -12,10 +12,18 @@ import sys
 #: subcommand -> (module, function, one-line help). Each function takes the
 #: arguments after the subcommand and returns an exit code.
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
-    "serve": ("tensorwire.server.cli", "main", "serve a model repository over gRPC (Open Inference Protocol)"),
+    "serve": (
+        "tensorwire.server.cli",
+        "main",
+        "serve a model repository over gRPC (Open Inference Protocol)",
+    ),
     "fit": ("tensorwire.trainer.cli", "fit", "train a model with PyTorch DDP (torchrun-style launch)"),
     "export": ("tensorwire.trainer.cli", "export", "export a checkpoint to TorchScript and ONNX, verified"),
-    "quantize": ("tensorwire.trainer.cli", "quantize", "INT8-quantize an ONNX model and report accuracy vs FP32"),
+    "quantize": (
+        "tensorwire.trainer.cli",
+        "quantize",
+        "INT8-quantize an ONNX model and report accuracy vs FP32",
+    ),
     "publish": ("tensorwire.trainer.cli", "publish", "write a servable version into a model repository"),
     "train": ("tensorwire.trainer.cli", "train", "fit, export, quantize and publish in one go"),
     "infer": ("tensorwire.client.cli", "infer", "send an inference request from .npy/.npz/JSON files"),
@@ -38,8 +46,10 @@ def register(name: str, module: str, function: str, help_text: str) -> None:
 def _usage() -> str:
     width = max(len(name) for name in SUBCOMMANDS)
     lines = [f"  {name:<{width}}  {help_text}" for name, (_, _, help_text) in sorted(SUBCOMMANDS.items())]
-    return "usage: tensorwire <command> [options]\n\ncommands:\n" + "\n".join(lines) + (
-        "\n\nRun 'tensorwire <command> --help' for a command's options."
+    return (
+        "usage: tensorwire <command> [options]\n\ncommands:\n"
+        + "\n".join(lines)
+        + ("\n\nRun 'tensorwire <command> --help' for a command's options.")
     )
 
 

@@ -201,7 +201,9 @@ def _bf16_dtype() -> np.dtype | None:
 # ---------------------------------------------------------------- decode
 
 
-def decode_raw(raw: bytes | memoryview, datatype: str, shape: Sequence[int], *, bf16_as: str = "float32") -> np.ndarray:
+def decode_raw(
+    raw: bytes | memoryview, datatype: str, shape: Sequence[int], *, bf16_as: str = "float32"
+) -> np.ndarray:
     """Decode one tensor's raw contents; zero-copy for fixed-size types.
 
     ``bf16_as`` is ``"float32"`` (default, exact widening), ``"bits"`` (uint16
@@ -335,7 +337,9 @@ def encode_raw(array: np.ndarray, datatype: str | None = None) -> tuple[str, lis
     return datatype, shape, np.ascontiguousarray(_cast(array, datatype, dtype)).tobytes()
 
 
-def encode_contents(array: np.ndarray, datatype: str | None = None) -> tuple[str, list[int], pb.InferTensorContents]:
+def encode_contents(
+    array: np.ndarray, datatype: str | None = None
+) -> tuple[str, list[int], pb.InferTensorContents]:
     """Encode an array into typed ``InferTensorContents`` (for peers that do not read raw)."""
     array = np.asarray(array)
     datatype = datatype or datatype_of(array)

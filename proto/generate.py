@@ -51,9 +51,7 @@ def differing_files() -> list[str]:
     with tempfile.TemporaryDirectory() as fresh:
         generate_into(Path(fresh))
         return [
-            name
-            for name in GENERATED
-            if (Path(fresh) / name).read_bytes() != (PROTO_DIR / name).read_bytes()
+            name for name in GENERATED if (Path(fresh) / name).read_bytes() != (PROTO_DIR / name).read_bytes()
         ]
 
 

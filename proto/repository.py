@@ -199,7 +199,9 @@ class ModelConfigFile(_Strict):
 
     def to_toml_dict(self) -> dict[str, Any]:
         """A plain dict for writing back as TOML (defaults left out)."""
-        return self.model_dump(mode="json", exclude_none=True, exclude_defaults=True) | {"backend": self.backend}
+        return self.model_dump(mode="json", exclude_none=True, exclude_defaults=True) | {
+            "backend": self.backend
+        }
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -257,7 +259,11 @@ def available_versions(model_dir: Path) -> list[int]:
 def list_models(repo: Path) -> list[str]:
     """Model folder names in a repository (folders holding a config.toml)."""
     repo = Path(repo)
-    return sorted(p.name for p in repo.iterdir() if p.is_dir() and (p / CONFIG_FILE).exists()) if repo.is_dir() else []
+    return (
+        sorted(p.name for p in repo.iterdir() if p.is_dir() and (p / CONFIG_FILE).exists())
+        if repo.is_dir()
+        else []
+    )
 
 
 def write_model_config(config: ModelConfigFile, model_dir: Path) -> Path:

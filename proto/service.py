@@ -55,7 +55,7 @@ METHODS: dict[str, Method] = {
 def _rename_types(message: descriptor_pb2.DescriptorProto, old: str, new: str) -> None:
     for field in message.field:
         if field.type_name.startswith(old):
-            field.type_name = new + field.type_name[len(old):]
+            field.type_name = new + field.type_name[len(old) :]
     for nested in message.nested_type:
         _rename_types(nested, old, new)
 
@@ -78,8 +78,8 @@ def standard_descriptor_pool() -> descriptor_pool.DescriptorPool:
         _rename_types(message, old, new)
     for service in proto.service:
         for method in service.method:
-            method.input_type = new + method.input_type[len(old):]
-            method.output_type = new + method.output_type[len(old):]
+            method.input_type = new + method.input_type[len(old) :]
+            method.output_type = new + method.output_type[len(old) :]
     pool = descriptor_pool.DescriptorPool()
     pool.Add(proto)
     return pool

@@ -137,13 +137,20 @@ class InferenceServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         if self.settings.metrics_port:
-            start_http_server(self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry)
+            start_http_server(
+                self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry
+            )
         self.manager.announce()
         self._server = self._build()
         await self._server.start()
-        log.info("event=listening grpc=%s:%d metrics_port=%d tls=%s auth=%s", self.settings.host,
-                 self.settings.grpc_port, self.settings.metrics_port, bool(self.settings.tls_cert),
-                 bool(self.settings.auth_token))
+        log.info(
+            "event=listening grpc=%s:%d metrics_port=%d tls=%s auth=%s",
+            self.settings.host,
+            self.settings.grpc_port,
+            self.settings.metrics_port,
+            bool(self.settings.tls_cert),
+            bool(self.settings.auth_token),
+        )
         await self.manager.load_all()
         self.servicer.started = True
         self._tasks.append(loop.create_task(self._health_loop()))

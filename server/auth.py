@@ -17,12 +17,16 @@ _OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 def _reject(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     async def abort_unary(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token "
-                            "(send metadata 'authorization: Bearer <token>')")
+        await context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "missing or invalid bearer token (send metadata 'authorization: Bearer <token>')",
+        )
 
     async def abort_stream(requests, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token "
-                            "(send metadata 'authorization: Bearer <token>')")
+        await context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "missing or invalid bearer token (send metadata 'authorization: Bearer <token>')",
+        )
         yield  # pragma: no cover - makes this an async generator
 
     kinds = {

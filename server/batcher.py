@@ -23,7 +23,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from tensorwire.proto.repository import DynamicBatching
-from tensorwire.server.errors import DeadlineExceededError, ModelUnavailableError, QueueFullError, ServingError
+from tensorwire.server.errors import (
+    DeadlineExceededError,
+    ModelUnavailableError,
+    QueueFullError,
+    ServingError,
+)
 from tensorwire.server.replicas import BatchOutcome, EncodedTensor, Replica, WorkItem
 from tensorwire.server.stats import ModelVersionStats
 
@@ -33,11 +38,28 @@ QUEUED, RUNNING, DONE, CANCELLED, EXPIRED = "queued", "running", "done", "cancel
 class InferenceRequest(WorkItem):
     """A validated request waiting for, or in, a batch (a slotted class: one is made per request)."""
 
-    __slots__ = ("request_id", "priority", "deadline", "shape_key", "future", "arrival_ns", "state", "timer",
-                 "dispatch_ns")
+    __slots__ = (
+        "request_id",
+        "priority",
+        "deadline",
+        "shape_key",
+        "future",
+        "arrival_ns",
+        "state",
+        "timer",
+        "dispatch_ns",
+    )
 
-    def __init__(self, inputs: dict[str, np.ndarray], rows: int, outputs: Sequence[str], request_id: str = "",
-                 priority: int = 0, deadline: float | None = None, shape_key: tuple = ()) -> None:
+    def __init__(
+        self,
+        inputs: dict[str, np.ndarray],
+        rows: int,
+        outputs: Sequence[str],
+        request_id: str = "",
+        priority: int = 0,
+        deadline: float | None = None,
+        shape_key: tuple = (),
+    ) -> None:
         self.inputs, self.rows, self.outputs = inputs, rows, outputs
         self.request_id = request_id
         self.priority = priority  # queue index: 0 is the highest level
@@ -109,7 +131,9 @@ class DynamicBatcher:
     def submit(self, request: InferenceRequest) -> asyncio.Future:
         """Admit a request; its future resolves to its encoded outputs or an error."""
         if not self._accepting:
-            raise ModelUnavailableError(f"model {self.label} is unloading or the server is draining; retry elsewhere")
+            raise ModelUnavailableError(
+                f"model {self.label} is unloading or the server is draining; retry elsewhere"
+            )
         if self._queued >= self.settings.max_queue_size:
             raise QueueFullError(
                 f"model {self.label} has {self._queued} requests queued (max_queue_size "
@@ -258,8 +282,9 @@ class DynamicBatcher:
         replica = self._idle.pop()
         replica.submit(batch, lambda rep, outcome: self._on_done(rep, batch, rows, reason, outcome))
 
-    def _on_done(self, replica: Replica, batch: list[InferenceRequest], rows: int, reason: str,
-                 outcome: BatchOutcome) -> None:
+    def _on_done(
+        self, replica: Replica, batch: list[InferenceRequest], rows: int, reason: str, outcome: BatchOutcome
+    ) -> None:
         self._idle.append(replica)
         self._running -= len(batch)
         t = outcome.timings
@@ -302,7 +327,9 @@ class DynamicBatcher:
                 if request.state == QUEUED:
                     self._leave_queue(request, CANCELLED)
                     if request.future is not None and not request.future.done():
-                        request.future.set_exception(ModelUnavailableError(f"model {self.label} was unloaded"))
+                        request.future.set_exception(
+                            ModelUnavailableError(f"model {self.label} was unloaded")
+                        )
             queue.clear()
         if self._delay_timer is not None:
             self._delay_timer.cancel()

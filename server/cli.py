@@ -20,28 +20,63 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve every model in a repository over gRPC (Open Inference Protocol / KServe v2).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--repo", type=Path, required=True,
-                        help="model repository folder: <repo>/<model>/config.toml and <repo>/<model>/<version>/")
+    parser.add_argument(
+        "--repo",
+        type=Path,
+        required=True,
+        help="model repository folder: <repo>/<model>/config.toml and <repo>/<model>/<version>/",
+    )
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (127.0.0.1 for local only)")
-    parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (inference, health, reflection)")
-    parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics HTTP port; 0 disables")
-    parser.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES,
-                        help="largest request or response accepted; larger ones get RESOURCE_EXHAUSTED")
+    parser.add_argument(
+        "--grpc-port", type=int, default=8001, help="gRPC port (inference, health, reflection)"
+    )
+    parser.add_argument(
+        "--metrics-port", type=int, default=8002, help="Prometheus /metrics HTTP port; 0 disables"
+    )
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=MAX_MESSAGE_BYTES,
+        help="largest request or response accepted; larger ones get RESOURCE_EXHAUSTED",
+    )
     parser.add_argument("--tls-cert", type=Path, help="PEM server certificate (enables TLS; needs --tls-key)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
-    parser.add_argument("--tls-client-ca", type=Path,
-                        help="PEM CA bundle; clients must present a certificate it signed (mutual TLS)")
-    parser.add_argument("--auth-token-file", type=Path,
-                        help=f"require 'authorization: Bearer <token>' with the token in this file "
-                             f"(or set {TOKEN_ENV}); health checks stay open")
-    parser.add_argument("--drain-seconds", type=float, default=2.0,
-                        help="on SIGTERM: keep serving this long after readiness turns NOT_SERVING")
-    parser.add_argument("--grace-seconds", type=float, default=30.0,
-                        help="on SIGTERM: the most time given to finish accepted requests")
-    parser.add_argument("--poll", type=float, default=0.0, metavar="SECONDS",
-                        help="reload models whose files changed every SECONDS (0: only on RepositoryModelLoad)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="log verbosity (one structured line per event)")
+    parser.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="PEM CA bundle; clients must present a certificate it signed (mutual TLS)",
+    )
+    parser.add_argument(
+        "--auth-token-file",
+        type=Path,
+        help=f"require 'authorization: Bearer <token>' with the token in this file "
+        f"(or set {TOKEN_ENV}); health checks stay open",
+    )
+    parser.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=2.0,
+        help="on SIGTERM: keep serving this long after readiness turns NOT_SERVING",
+    )
+    parser.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=30.0,
+        help="on SIGTERM: the most time given to finish accepted requests",
+    )
+    parser.add_argument(
+        "--poll",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="reload models whose files changed every SECONDS (0: only on RepositoryModelLoad)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log verbosity (one structured line per event)",
+    )
     return parser
 
 
@@ -58,17 +93,26 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
     if not args.repo.is_dir():
         raise SystemExit(f"tensorwire serve: error: repository {args.repo} is not a folder")
     return ServerSettings(
-        repo=args.repo, host=args.host, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-        max_message_bytes=args.max_message_bytes, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca, auth_token=token, drain_seconds=args.drain_seconds,
-        grace_seconds=args.grace_seconds, poll_seconds=args.poll,
+        repo=args.repo,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        max_message_bytes=args.max_message_bytes,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        auth_token=token,
+        drain_seconds=args.drain_seconds,
+        grace_seconds=args.grace_seconds,
+        poll_seconds=args.poll,
     )
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level, stream=sys.stderr,
+        level=args.log_level,
+        stream=sys.stderr,
         format="ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
     )
     settings = settings_from(args)

@@ -75,16 +75,22 @@ class ModelManager:
         """The version to serve a request: NOT_FOUND if absent, UNAVAILABLE if not ready."""
         record = self._records.get(name)
         if record is None:
-            raise ModelNotFoundError(f"unknown model {name!r}; RepositoryIndex lists the models this server has")
+            raise ModelNotFoundError(
+                f"unknown model {name!r}; RepositoryIndex lists the models this server has"
+            )
         if version:
             if not (version.isascii() and version.isdigit()):  # str.isdigit alone admits '²', '١'...
-                raise ModelNotFoundError(f"model {name!r} has no version {version!r}; versions are positive integers")
+                raise ModelNotFoundError(
+                    f"model {name!r} has no version {version!r}; versions are positive integers"
+                )
             served = record.versions.get(int(version))
             if served is not None and served.state == READY:
                 return served
             state, reason = record.states.get(int(version), ("", ""))
             if state in (LOADING, UNLOADING):
-                raise ModelUnavailableError(f"model {name!r} version {version} is {state.lower()}; retry shortly")
+                raise ModelUnavailableError(
+                    f"model {name!r} version {version} is {state.lower()}; retry shortly"
+                )
             if served is None and not state:
                 raise ModelNotFoundError(
                     f"model {name!r} has no version {version}; ready versions: {self.ready_versions(name)}"
@@ -161,7 +167,9 @@ class ModelManager:
             raise ModelNotFoundError(str(err)) from None
         model_dir = self.repo / name
         if not (model_dir / CONFIG_FILE).is_file():
-            raise ModelNotFoundError(f"model {name!r} is not in the repository {self.repo} (no {name}/{CONFIG_FILE})")
+            raise ModelNotFoundError(
+                f"model {name!r} is not in the repository {self.repo} (no {name}/{CONFIG_FILE})"
+            )
         record = self._records.setdefault(name, ModelRecord(name))
         async with record.lock:
             await self._load_locked(record, model_dir)
@@ -176,7 +184,9 @@ class ModelManager:
             raise ModelLoadError(str(err)) from None
         versions = config.version_policy.select(available_versions(model_dir))
         if not versions:
-            reason = f"no version folder of {name} matches version_policy (found {available_versions(model_dir)})"
+            reason = (
+                f"no version folder of {name} matches version_policy (found {available_versions(model_dir)})"
+            )
             self._mark_failed(record, reason)
             raise ModelLoadError(reason)
         if not record.versions:
@@ -186,13 +196,16 @@ class ModelManager:
                 record.states[version] = (LOADING, "")
         loop = asyncio.get_running_loop()
         results = await asyncio.gather(
-            *(asyncio.to_thread(load_parts, name, v, model_dir, config) for v in versions), return_exceptions=True
+            *(asyncio.to_thread(load_parts, name, v, model_dir, config) for v in versions),
+            return_exceptions=True,
         )
         fresh: dict[int, ModelVersion] = {}
         failed: dict[int, str] = {}
         for version, result in zip(versions, results, strict=True):
             if isinstance(result, BaseException):
-                reason = str(result) if isinstance(result, ServingError) else f"{type(result).__name__}: {result}"
+                reason = (
+                    str(result) if isinstance(result, ServingError) else f"{type(result).__name__}: {result}"
+                )
                 failed[version] = reason
                 log.error("event=version_load_failed model=%s version=%d reason=%r", name, version, reason)
                 continue
@@ -201,9 +214,16 @@ class ModelManager:
             log.info(
                 "event=loaded model=%s version=%d backend=%s replicas=%s max_batch_size=%d batching=%s "
                 "max_queue_delay_us=%d preferred=%s max_queue_size=%d seconds=%.2f",
-                name, version, config.backend, [f"{p.device}x{p.threads}t" for p in result.placements],
-                config.max_batch_size, config.batching, b.max_queue_delay_us, b.preferred_batch_sizes,
-                b.max_queue_size, result.seconds,
+                name,
+                version,
+                config.backend,
+                [f"{p.device}x{p.threads}t" for p in result.placements],
+                config.max_batch_size,
+                config.batching,
+                b.max_queue_delay_us,
+                b.preferred_batch_sizes,
+                b.max_queue_size,
+                result.seconds,
             )
         errors = "; ".join(f"version {v}: {r}" for v, r in failed.items())
         old = dict(record.versions)

@@ -72,8 +72,11 @@ def placements_for(config: ModelConfigFile, cores: int, gpus: int) -> list[Place
         result += [Placement("cpu", threads)] * group.count
     cpu_threads = sum(p.threads for p in result if p.device == "cpu")
     if cpu_threads > cores:
-        log.warning("event=oversubscribed threads=%d cores=%d detail='intra-op threads x replicas exceed cores'",
-                    cpu_threads, cores)
+        log.warning(
+            "event=oversubscribed threads=%d cores=%d detail='intra-op threads x replicas exceed cores'",
+            cpu_threads,
+            cores,
+        )
     return result
 
 
@@ -121,7 +124,9 @@ def load_parts(name: str, version: int, model_dir: Path, config: ModelConfigFile
     label = f"{name}:{version}"
     path = model_dir / str(version) / config.model_filename
     if not path.is_file():
-        raise ModelLoadError(f"{path} is missing; version {version} of {name} needs a {config.model_filename}")
+        raise ModelLoadError(
+            f"{path} is missing; version {version} of {name} needs a {config.model_filename}"
+        )
     placements = placements_for(config, cpu_cores(), visible_gpus())
     try:
         backends = load_backends(config.backend, path, placements)
@@ -153,16 +158,26 @@ def _warm_up(executors: list[Executor], signature: Signature, sizes: list[int], 
         for executor in executors:
             outcome = executor.execute([item])
             if isinstance(outcome.results[0], Exception):
-                log.warning("event=warmup_failed model=%s batch=%d detail='model fails on zeros; serving anyway'",
-                            label, size)
+                log.warning(
+                    "event=warmup_failed model=%s batch=%d detail='model fails on zeros; serving anyway'",
+                    label,
+                    size,
+                )
                 return
 
 
 class ModelVersion:
     """A servable version: replicas + batcher + stats, with an explicit lifecycle state."""
 
-    def __init__(self, name: str, version: int, config: ModelConfigFile, parts: LoadedParts,
-                 metrics: Metrics, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        config: ModelConfigFile,
+        parts: LoadedParts,
+        metrics: Metrics,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         self.name, self.version, self.config = name, version, config
         self.signature = parts.signature
         self.label = f"{name}:{version}"

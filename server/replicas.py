@@ -87,7 +87,9 @@ class Executor:
             if len(items) == 1:
                 return BatchOutcome([self._failure(err)], timings)
             # One request may have poisoned the batch: rerun each alone so only it fails.
-            log.warning("event=batch_failed model=%s size=%d action=retry_individually", self.label, len(items))
+            log.warning(
+                "event=batch_failed model=%s size=%d action=retry_individually", self.label, len(items)
+            )
             outcome = BatchOutcome([], timings)
             for item in items:
                 single = self.execute([item])
@@ -112,7 +114,12 @@ class Executor:
             results.append(encoded)
             start = stop
         t3 = time.perf_counter_ns()
-        timings.input_ns, timings.infer_ns, timings.output_ns, timings.executions = t1 - t0, t2 - t1, t3 - t2, 1
+        timings.input_ns, timings.infer_ns, timings.output_ns, timings.executions = (
+            t1 - t0,
+            t2 - t1,
+            t3 - t2,
+            1,
+        )
         return BatchOutcome(results, timings)
 
     def _check_rows(self, outputs: dict[str, np.ndarray], rows: int) -> None:
@@ -120,7 +127,9 @@ class Executor:
             return
         for name, array in outputs.items():
             if array.ndim == 0 or array.shape[0] != rows:
-                raise RuntimeError(f"output {name!r} has shape {list(array.shape)} for a batch of {rows} rows")
+                raise RuntimeError(
+                    f"output {name!r} has shape {list(array.shape)} for a batch of {rows} rows"
+                )
 
     def _failure(self, err: Exception) -> BackendError:
         log.error("event=backend_error model=%s error=%r\n%s", self.label, err, traceback.format_exc())
@@ -133,7 +142,9 @@ Callback = Callable[["Replica", BatchOutcome], None]
 class Replica:
     """One backend session on one device, driven by its own thread."""
 
-    def __init__(self, index: int, executor: Executor, placement: Placement, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, index: int, executor: Executor, placement: Placement, loop: asyncio.AbstractEventLoop
+    ) -> None:
         self.index = index
         self.executor = executor
         self.placement = placement
@@ -141,7 +152,9 @@ class Replica:
         self._loop = loop
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.busy_ns = 0
-        self._thread = threading.Thread(target=self._work, name=f"replica-{executor.label}-{index}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._work, name=f"replica-{executor.label}-{index}", daemon=True
+        )
         self._thread.start()
 
     def submit(self, items: Sequence[WorkItem], done: Callback) -> None:

@@ -35,11 +35,30 @@ from tensorwire.server.signature import check_input, check_rows
 log = logging.getLogger("tensorwire.servicer")
 
 EXTENSIONS = ["model_repository", "model_configuration", "schedule_policy", "parameters", "statistics"]
-_CONFIG_TYPES = {name: getattr(pb, f"TYPE_{'STRING' if name == 'BYTES' else name}") for name in (
-    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
-    "FP16", "FP32", "FP64", "BF16", "BYTES")}
-_KINDS = {"cpu": pb.ModelInstanceGroup.KIND_CPU, "gpu": pb.ModelInstanceGroup.KIND_GPU,
-          "auto": pb.ModelInstanceGroup.KIND_AUTO}
+_CONFIG_TYPES = {
+    name: getattr(pb, f"TYPE_{'STRING' if name == 'BYTES' else name}")
+    for name in (
+        "BOOL",
+        "UINT8",
+        "UINT16",
+        "UINT32",
+        "UINT64",
+        "INT8",
+        "INT16",
+        "INT32",
+        "INT64",
+        "FP16",
+        "FP32",
+        "FP64",
+        "BF16",
+        "BYTES",
+    )
+}
+_KINDS = {
+    "cpu": pb.ModelInstanceGroup.KIND_CPU,
+    "gpu": pb.ModelInstanceGroup.KIND_GPU,
+    "auto": pb.ModelInstanceGroup.KIND_AUTO,
+}
 #: Request parameters we act on; others (e.g. binary_data_output) are accepted and ignored.
 _UNSUPPORTED_PARAMETERS = {"sequence_id", "sequence_start", "sequence_end"}
 _STREAM_WINDOW = 1024  # in-flight requests per stream before we stop reading (backpressure)
@@ -64,7 +83,9 @@ def status_of(err: ServingError) -> grpc.StatusCode:
 class Servicer:
     """Implements every RPC of the service on top of a ModelManager."""
 
-    def __init__(self, manager: ModelManager, on_repository_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self, manager: ModelManager, on_repository_change: Callable[[], None] = lambda: None
+    ) -> None:
         self.manager = manager
         self.draining = False
         self.started = False
@@ -111,7 +132,9 @@ class Servicer:
             versions=[str(v) for v in self.manager.ready_versions(version.name)],
             platform=version.config.platform,
             inputs=[tensor(name=t.name, datatype=t.datatype, shape=sig.served_shape(t)) for t in sig.inputs],
-            outputs=[tensor(name=t.name, datatype=t.datatype, shape=sig.served_shape(t)) for t in sig.outputs],
+            outputs=[
+                tensor(name=t.name, datatype=t.datatype, shape=sig.served_shape(t)) for t in sig.outputs
+            ],
         )
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
@@ -121,7 +144,9 @@ class Servicer:
             await self._abort(context, err)
         return pb.ModelConfigResponse(config=model_config_proto(version))
 
-    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context) -> pb.ModelStatisticsResponse:
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context
+    ) -> pb.ModelStatisticsResponse:
         try:
             if request.name:
                 if request.version:
@@ -137,7 +162,9 @@ class Servicer:
 
     # ---------------------------------------------------------- repository
 
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context) -> pb.RepositoryIndexResponse:
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context
+    ) -> pb.RepositoryIndexResponse:
         rows = self.manager.index()
         index = pb.RepositoryIndexResponse.ModelIndex
         return pb.RepositoryIndexResponse(
@@ -150,8 +177,12 @@ class Servicer:
 
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context):
         if request.parameters:
-            await self._abort(context, InvalidRequestError(
-                f"load parameters {sorted(request.parameters)} are not supported; edit config.toml and load again"))
+            await self._abort(
+                context,
+                InvalidRequestError(
+                    f"load parameters {sorted(request.parameters)} are not supported; edit config.toml and load again"
+                ),
+            )
         try:
             await self.manager.load(request.model_name)
         except ServingError as err:
@@ -257,8 +288,11 @@ class Servicer:
         """Handlers for every method, keyed by short name, for registration under SERVICE_NAME."""
         handlers = {}
         for name, method in METHODS.items():
-            factory = grpc.stream_stream_rpc_method_handler if method.client_streaming else (
-                grpc.unary_unary_rpc_method_handler)
+            factory = (
+                grpc.stream_stream_rpc_method_handler
+                if method.client_streaming
+                else (grpc.unary_unary_rpc_method_handler)
+            )
             behaviour = getattr(self, name)
             if name not in ("ModelInfer", "ModelStreamInfer"):  # those two guard themselves, inline
                 behaviour = _guarded(behaviour)
@@ -273,7 +307,9 @@ class Servicer:
 def internal_error(model: str, err: Exception) -> ServingError:
     """An unexpected exception: log the traceback, tell the caller only that it happened and where."""
     log.error("event=internal_error model=%s error=%r", model, err, exc_info=err)
-    error = ServingError(f"internal error while serving model {model!r} ({type(err).__name__}); see the server log")
+    error = ServingError(
+        f"internal error while serving model {model!r} ({type(err).__name__}); see the server log"
+    )
     return error
 
 
@@ -316,7 +352,8 @@ def _check_utf8(name: str, array) -> None:
             element.decode("utf-8")
         except UnicodeDecodeError:
             raise InvalidRequestError(
-                f"input {name!r} element {index} is not UTF-8; this model's string tensors hold text") from None
+                f"input {name!r} element {index} is not UTF-8; this model's string tensors hold text"
+            ) from None
 
 
 def _request_parameters(version: ModelVersion, request: pb.ModelInferRequest) -> tuple[int, int | None]:
@@ -330,7 +367,8 @@ def _request_parameters(version: ModelVersion, request: pb.ModelInferRequest) ->
             if priority > settings.priority_levels:
                 raise InvalidRequestError(
                     f"priority {priority} is beyond the model's priority_levels {settings.priority_levels} "
-                    "(1 is highest, 0 the default)")
+                    "(1 is highest, 0 the default)"
+                )
         elif name == "timeout":
             timeout_us = _int_parameter(name, parameter)
         elif name in _UNSUPPORTED_PARAMETERS and value:
@@ -338,8 +376,9 @@ def _request_parameters(version: ModelVersion, request: pb.ModelInferRequest) ->
     return priority, timeout_us
 
 
-def build_request(version: ModelVersion, request: pb.ModelInferRequest,
-                  time_remaining: float | None) -> InferenceRequest:
+def build_request(
+    version: ModelVersion, request: pb.ModelInferRequest, time_remaining: float | None
+) -> InferenceRequest:
     """Validate and decode a ModelInferRequest into a core request (zero-copy for raw tensors).
 
     One pass over the inputs; each is checked against the signature before its bytes are decoded.
@@ -351,7 +390,8 @@ def build_request(version: ModelVersion, request: pb.ModelInferRequest,
     inputs = request.inputs
     if raw and len(raw) != len(inputs):
         raise InvalidRequestError(
-            f"raw_input_contents has {len(raw)} entries for {len(inputs)} inputs; send one per input, in order")
+            f"raw_input_contents has {len(raw)} entries for {len(inputs)} inputs; send one per input, in order"
+        )
     arrays: dict[str, np.ndarray] = {}
     rows_by_input: dict[str, int] = {}
     key = []
@@ -366,7 +406,9 @@ def build_request(version: ModelVersion, request: pb.ModelInferRequest,
         try:
             if raw:
                 if tensor.HasField("contents"):
-                    raise InvalidRequestError(f"input {name!r} has both contents and raw_input_contents; send one")
+                    raise InvalidRequestError(
+                        f"input {name!r} has both contents and raw_input_contents; send one"
+                    )
                 array = decode_raw(raw[index], datatype, shape)
             else:
                 array = decode_contents(tensor.contents, datatype, shape)
@@ -390,7 +432,8 @@ def build_request(version: ModelVersion, request: pb.ModelInferRequest,
         for tensor in request.outputs:
             if tensor.name not in sig.output_names:
                 raise InvalidRequestError(
-                    f"unknown output {tensor.name!r}; the model's outputs are {sig.output_names}")
+                    f"unknown output {tensor.name!r}; the model's outputs are {sig.output_names}"
+                )
             outputs.append(tensor.name)
     deadline = None
     default_timeout_us = version.config.dynamic_batching.default_timeout_us
@@ -402,8 +445,9 @@ def build_request(version: ModelVersion, request: pb.ModelInferRequest,
         if remaining <= 0:
             raise DeadlineExceededError("the request's deadline had already passed when it arrived")
         deadline = version.loop.time() + remaining
-    return InferenceRequest(arrays, rows, outputs, request.id, version.batcher.priority_index(priority),
-                            deadline, tuple(key))
+    return InferenceRequest(
+        arrays, rows, outputs, request.id, version.batcher.priority_index(priority), deadline, tuple(key)
+    )
 
 
 def build_response(version: ModelVersion, request_id: str, outputs: list) -> pb.ModelInferResponse:
@@ -422,21 +466,31 @@ def model_config_proto(version: ModelVersion) -> pb.ModelConfig:
     config, sig = version.config, version.signature
     policy = config.version_policy
     if policy.latest is not None:
-        version_policy = pb.ModelVersionPolicy(latest=pb.ModelVersionPolicy.Latest(num_versions=policy.latest))
+        version_policy = pb.ModelVersionPolicy(
+            latest=pb.ModelVersionPolicy.Latest(num_versions=policy.latest)
+        )
     elif policy.all:
         version_policy = pb.ModelVersionPolicy(all=pb.ModelVersionPolicy.All())
     else:
-        version_policy = pb.ModelVersionPolicy(specific=pb.ModelVersionPolicy.Specific(versions=policy.specific))
+        version_policy = pb.ModelVersionPolicy(
+            specific=pb.ModelVersionPolicy.Specific(versions=policy.specific)
+        )
     message = pb.ModelConfig(
         name=version.name,
         platform=config.platform,
         backend=config.backend,
         version_policy=version_policy,
         max_batch_size=config.max_batch_size,
-        input=[pb.ModelInput(name=t.name, data_type=_CONFIG_TYPES[t.datatype], dims=t.dims) for t in sig.inputs],
-        output=[pb.ModelOutput(name=t.name, data_type=_CONFIG_TYPES[t.datatype], dims=t.dims) for t in sig.outputs],
+        input=[
+            pb.ModelInput(name=t.name, data_type=_CONFIG_TYPES[t.datatype], dims=t.dims) for t in sig.inputs
+        ],
+        output=[
+            pb.ModelOutput(name=t.name, data_type=_CONFIG_TYPES[t.datatype], dims=t.dims) for t in sig.outputs
+        ],
         instance_group=[
-            pb.ModelInstanceGroup(name=f"{version.name}_{i}", kind=_KINDS[g.kind], count=g.count, gpus=g.gpus or [])
+            pb.ModelInstanceGroup(
+                name=f"{version.name}_{i}", kind=_KINDS[g.kind], count=g.count, gpus=g.gpus or []
+            )
             for i, g in enumerate(config.instance_group)
         ],
         default_model_filename=config.model_filename,
@@ -444,13 +498,17 @@ def model_config_proto(version: ModelVersion) -> pb.ModelConfig:
     )
     if config.batching:
         b = config.dynamic_batching
-        message.dynamic_batching.CopyFrom(pb.ModelDynamicBatching(
-            preferred_batch_size=b.preferred_batch_sizes,
-            max_queue_delay_microseconds=b.max_queue_delay_us,
-            priority_levels=b.priority_levels,
-            default_priority_level=b.default_priority_level,
-            default_queue_policy=pb.ModelQueuePolicy(
-                default_timeout_microseconds=b.default_timeout_us, max_queue_size=b.max_queue_size,
-                allow_timeout_override=True),
-        ))
+        message.dynamic_batching.CopyFrom(
+            pb.ModelDynamicBatching(
+                preferred_batch_size=b.preferred_batch_sizes,
+                max_queue_delay_microseconds=b.max_queue_delay_us,
+                priority_levels=b.priority_levels,
+                default_priority_level=b.default_priority_level,
+                default_queue_policy=pb.ModelQueuePolicy(
+                    default_timeout_microseconds=b.default_timeout_us,
+                    max_queue_size=b.max_queue_size,
+                    allow_timeout_override=True,
+                ),
+            )
+        )
     return message

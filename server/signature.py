@@ -62,7 +62,9 @@ def _from_model(info: TensorInfo, batched: bool, what: str) -> TensorSig:
     shape = info.shape
     if batched:
         if not shape:
-            raise ModelLoadError(f"{what} {info.name!r} has no dimensions, but max_batch_size > 0 needs a batch one")
+            raise ModelLoadError(
+                f"{what} {info.name!r} has no dimensions, but max_batch_size > 0 needs a batch one"
+            )
         shape = shape[1:]
     return TensorSig(info.name, info.datatype, tuple(shape))
 
@@ -92,7 +94,9 @@ def _check(config_sigs: list[TensorSig], model_sigs: list[TensorSig] | None, wha
     if what == "input":
         missing = set(by_name) - {s.name for s in config_sigs}
         if missing:
-            raise ModelLoadError(f"the model also needs inputs {sorted(missing)}, which config.toml does not list")
+            raise ModelLoadError(
+                f"the model also needs inputs {sorted(missing)}, which config.toml does not list"
+            )
 
 
 def resolve_signature(
@@ -100,7 +104,9 @@ def resolve_signature(
 ) -> Signature:
     """Combine the config's tensors with the model file's; raise ModelLoadError on conflict."""
     batched = config.max_batch_size > 0
-    from_model_in = [_from_model(t, batched, "input") for t in model_inputs] if model_inputs is not None else None
+    from_model_in = (
+        [_from_model(t, batched, "input") for t in model_inputs] if model_inputs is not None else None
+    )
     from_model_out = (
         [_from_model(t, batched, "output") for t in model_outputs] if model_outputs is not None else None
     )
@@ -110,14 +116,18 @@ def resolve_signature(
     elif from_model_in is not None:
         inputs = from_model_in
     else:
-        raise ModelLoadError("this backend cannot read tensor names from the model file: list inputs in config.toml")
+        raise ModelLoadError(
+            "this backend cannot read tensor names from the model file: list inputs in config.toml"
+        )
     if config.outputs is not None:
         outputs = [_from_spec(s) for s in config.outputs]
         _check(outputs, from_model_out, "output")
     elif from_model_out is not None:
         outputs = from_model_out
     else:
-        raise ModelLoadError("this backend cannot read tensor names from the model file: list outputs in config.toml")
+        raise ModelLoadError(
+            "this backend cannot read tensor names from the model file: list outputs in config.toml"
+        )
     return Signature(tuple(inputs), tuple(outputs), config.max_batch_size)
 
 

@@ -16,7 +16,22 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from tensorwire.proto import inference_pb2 as pb
 
 _LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -28,7 +43,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         labels = ("model", "version")
         r = self.registry
-        self.success = Counter("tensorwire_request_success", "Requests answered successfully", labels, registry=r)
+        self.success = Counter(
+            "tensorwire_request_success", "Requests answered successfully", labels, registry=r
+        )
         self.failure = Counter(
             "tensorwire_request_failure", "Requests that failed, by reason", (*labels, "reason"), registry=r
         )
@@ -41,28 +58,43 @@ class Metrics:
             labels,
             registry=r,
         )
-        self.pending = Gauge("tensorwire_pending_requests", "Requests queued, not yet running", labels, registry=r)
+        self.pending = Gauge(
+            "tensorwire_pending_requests", "Requests queued, not yet running", labels, registry=r
+        )
         self.request_duration = Histogram(
-            "tensorwire_request_duration_seconds", "Request time from arrival to answer", labels,
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "tensorwire_request_duration_seconds",
+            "Request time from arrival to answer",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_duration = Histogram(
-            "tensorwire_queue_duration_seconds", "Time spent queued before execution", labels,
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "tensorwire_queue_duration_seconds",
+            "Time spent queued before execution",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.compute_duration = Histogram(
-            "tensorwire_compute_duration_seconds", "Execution time of a batch (input+infer+output)", labels,
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "tensorwire_compute_duration_seconds",
+            "Execution time of a batch (input+infer+output)",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
             "tensorwire_batch_size", "Rows per execution", labels, buckets=_BATCH_BUCKETS, registry=r
         )
         self.flushes = Counter(
-            "tensorwire_batch_flush", "Batches dispatched, by why they were dispatched", (*labels, "reason"),
+            "tensorwire_batch_flush",
+            "Batches dispatched, by why they were dispatched",
+            (*labels, "reason"),
             registry=r,
         )
         self.replica_busy = Counter(
-            "tensorwire_replica_busy_seconds", "Time replicas spent executing", (*labels, "device", "replica"),
+            "tensorwire_replica_busy_seconds",
+            "Time replicas spent executing",
+            (*labels, "device", "replica"),
             registry=r,
         )
 
@@ -117,13 +149,24 @@ class ModelVersionStats:
         self._m_failures = {}
         self._m_busy = {}
 
-    def record_batch(self, rows: int, requests: int, input_ns: int, infer_ns: int, output_ns: int,
-                     executions: int, reason: str) -> None:
+    def record_batch(
+        self,
+        rows: int,
+        requests: int,
+        input_ns: int,
+        infer_ns: int,
+        output_ns: int,
+        executions: int,
+        reason: str,
+    ) -> None:
         self.inference_count += rows
         self.execution_count += executions
         self.last_inference_ms = int(time.time() * 1000)
-        for duration, ns in ((self.compute_input, input_ns), (self.compute_infer, infer_ns),
-                             (self.compute_output, output_ns)):
+        for duration, ns in (
+            (self.compute_input, input_ns),
+            (self.compute_infer, infer_ns),
+            (self.compute_output, output_ns),
+        ):
             duration.add(ns * requests, requests)
         batch = self.batches[rows]
         batch.compute_input.add(input_ns)
@@ -152,14 +195,17 @@ class ModelVersionStats:
         self.fail.add(ns)
         failures = self._m_failures.get(reason)
         if failures is None:
-            failures = self._m_failures[reason] = self._metrics.failure.labels(self.model, self.version, reason)
+            failures = self._m_failures[reason] = self._metrics.failure.labels(
+                self.model, self.version, reason
+            )
         failures.inc()
 
     def record_replica_busy(self, device: str, replica: int, ns: int) -> None:
         busy = self._m_busy.get(replica)
         if busy is None:
-            busy = self._m_busy[replica] = self._metrics.replica_busy.labels(self.model, self.version, device,
-                                                                             str(replica))
+            busy = self._m_busy[replica] = self._metrics.replica_busy.labels(
+                self.model, self.version, device, str(replica)
+            )
         busy.inc(ns / 1e9)
 
     def to_proto(self) -> pb.ModelStatistics:

@@ -10,8 +10,15 @@ from tensorwire.proto.codec import decode_raw, encode_raw
 InputTensor = pb.ModelInferRequest.InferInputTensor
 
 
-def infer_request(model: str, inputs: dict[str, np.ndarray], *, version: str = "", request_id: str = "",
-                  outputs: list[str] | None = None, parameters: dict | None = None) -> pb.ModelInferRequest:
+def infer_request(
+    model: str,
+    inputs: dict[str, np.ndarray],
+    *,
+    version: str = "",
+    request_id: str = "",
+    outputs: list[str] | None = None,
+    parameters: dict | None = None,
+) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
     for name, array in inputs.items():
         datatype, shape, raw = encode_raw(array)

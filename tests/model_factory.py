@@ -16,11 +16,20 @@ import tomli_w
 from onnx import TensorProto, helper
 
 ONNX_TYPES = {
-    "BOOL": TensorProto.BOOL, "UINT8": TensorProto.UINT8, "UINT16": TensorProto.UINT16,
-    "UINT32": TensorProto.UINT32, "UINT64": TensorProto.UINT64, "INT8": TensorProto.INT8,
-    "INT16": TensorProto.INT16, "INT32": TensorProto.INT32, "INT64": TensorProto.INT64,
-    "FP16": TensorProto.FLOAT16, "FP32": TensorProto.FLOAT, "FP64": TensorProto.DOUBLE,
-    "BF16": TensorProto.BFLOAT16, "BYTES": TensorProto.STRING,
+    "BOOL": TensorProto.BOOL,
+    "UINT8": TensorProto.UINT8,
+    "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32,
+    "UINT64": TensorProto.UINT64,
+    "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16,
+    "INT32": TensorProto.INT32,
+    "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16,
+    "FP32": TensorProto.FLOAT,
+    "FP64": TensorProto.DOUBLE,
+    "BF16": TensorProto.BFLOAT16,
+    "BYTES": TensorProto.STRING,
 }
 
 
@@ -45,25 +54,42 @@ def _value(name: str, datatype: str, shape: list) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, ONNX_TYPES[datatype], shape)
 
 
-def onnx_identity(repo: Path, name: str = "identity", datatype: str = "FP32", dims: list[int] = (16,),
-                  max_batch_size: int = 64, version: int = 1, **config: Any) -> Path:
+def onnx_identity(
+    repo: Path,
+    name: str = "identity",
+    datatype: str = "FP32",
+    dims: list[int] = (16,),
+    max_batch_size: int = 64,
+    version: int = 1,
+    **config: Any,
+) -> Path:
     """OUTPUT0 = INPUT0, any datatype; batched when max_batch_size > 0."""
     shape = (["batch"] if max_batch_size else []) + list(dims)
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])], name,
-        [_value("INPUT0", datatype, shape)], [_value("OUTPUT0", datatype, shape)],
+        [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])],
+        name,
+        [_value("INPUT0", datatype, shape)],
+        [_value("OUTPUT0", datatype, shape)],
     )
     write_config(repo, name, {"backend": "onnxruntime", "max_batch_size": max_batch_size, **config})
     return _save(helper.make_model(graph), repo, name, version)
 
 
-def onnx_add_sub(repo: Path, name: str = "add_sub", max_batch_size: int = 8, version: int = 1,
-                 datatype: str = "FP32", **config: Any) -> Path:
+def onnx_add_sub(
+    repo: Path,
+    name: str = "add_sub",
+    max_batch_size: int = 8,
+    version: int = 1,
+    datatype: str = "FP32",
+    **config: Any,
+) -> Path:
     """OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1 on [batch, 16]."""
     shape = (["batch"] if max_batch_size else []) + [16]
     graph = helper.make_graph(
-        [helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
-         helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"])],
+        [
+            helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+            helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+        ],
         name,
         [_value("INPUT0", datatype, shape), _value("INPUT1", datatype, shape)],
         [_value("OUTPUT0", datatype, shape), _value("OUTPUT1", datatype, shape)],
@@ -72,13 +98,16 @@ def onnx_add_sub(repo: Path, name: str = "add_sub", max_batch_size: int = 8, ver
     return _save(helper.make_model(graph), repo, name, version)
 
 
-def onnx_gather(repo: Path, name: str = "lookup", max_batch_size: int = 16, version: int = 1,
-                **config: Any) -> Path:
+def onnx_gather(
+    repo: Path, name: str = "lookup", max_batch_size: int = 16, version: int = 1, **config: Any
+) -> Path:
     """OUTPUT0[b] = TABLE[INDEX[b]] with a 10-entry table: an index >= 10 makes ORT raise."""
     table = helper.make_tensor("TABLE", TensorProto.FLOAT, [10], np.arange(10, dtype=np.float32) * 10)
     graph = helper.make_graph(
-        [helper.make_node("Gather", ["TABLE", "INDEX"], ["OUTPUT0"], axis=0)], name,
-        [_value("INDEX", "INT64", ["batch", 1])], [_value("OUTPUT0", "FP32", ["batch", 1])],
+        [helper.make_node("Gather", ["TABLE", "INDEX"], ["OUTPUT0"], axis=0)],
+        name,
+        [_value("INDEX", "INT64", ["batch", 1])],
+        [_value("OUTPUT0", "FP32", ["batch", 1])],
         initializer=[table],
     )
     write_config(repo, name, {"backend": "onnxruntime", "max_batch_size": max_batch_size, **config})
@@ -119,19 +148,29 @@ class Model:
 '''
 
 
-def sleeper_model(repo: Path, name: str = "sleeper", log: Path | None = None, init_seconds: float = 0.0,
-                  max_batch_size: int = 8, **config: Any) -> Path:
+def sleeper_model(
+    repo: Path,
+    name: str = "sleeper",
+    log: Path | None = None,
+    init_seconds: float = 0.0,
+    max_batch_size: int = 8,
+    **config: Any,
+) -> Path:
     """A Python model that counts its executions in ``log`` (one line per backend call).
 
     Inputs ID (INT64 [1]) and SLEEP_MS (FP32 [1]); output ID_OUT (INT64 [1]).
     """
     log = log or Path(repo) / f"{name}.calls"
     python_model(
-        repo, name, SLEEPER_SOURCE.format(log=str(log), init_seconds=init_seconds),
+        repo,
+        name,
+        SLEEPER_SOURCE.format(log=str(log), init_seconds=init_seconds),
         {
             "max_batch_size": max_batch_size,
-            "inputs": [{"name": "ID", "datatype": "INT64", "dims": [1]},
-                       {"name": "SLEEP_MS", "datatype": "FP32", "dims": [1]}],
+            "inputs": [
+                {"name": "ID", "datatype": "INT64", "dims": [1]},
+                {"name": "SLEEP_MS", "datatype": "FP32", "dims": [1]},
+            ],
             "outputs": [{"name": "ID_OUT", "datatype": "INT64", "dims": [1]}],
             "warmup": "none",
             **config,

@@ -94,8 +94,19 @@ def running_server(
     port, metrics_port = free_port(), free_port()
     log_path = Path(repo).parent / f"server-{port}.log"
     command = [
-        sys.executable, "-m", "tensorwire.cli", "serve", "--repo", str(repo), "--host", "127.0.0.1",
-        "--grpc-port", str(port), "--metrics-port", str(metrics_port), *args,
+        sys.executable,
+        "-m",
+        "tensorwire.cli",
+        "serve",
+        "--repo",
+        str(repo),
+        "--host",
+        "127.0.0.1",
+        "--grpc-port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        *args,
     ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(

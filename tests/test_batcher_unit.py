@@ -56,14 +56,22 @@ class FakeBackend:
             return {i for batch in self.batches for i in batch}
 
 
-def make_request(ident: int, rows: int = 1, width: int = 3, deadline: float | None = None,
-                 priority: int = 0) -> InferenceRequest:
+def make_request(
+    ident: int, rows: int = 1, width: int = 3, deadline: float | None = None, priority: int = 0
+) -> InferenceRequest:
     inputs = {
         "X": np.full((rows, width), float(ident), np.float32),
         "ID": np.full((rows, 1), ident, np.int64),
     }
-    return InferenceRequest(inputs=inputs, rows=rows, outputs=["DOUBLE", "ID_OUT"], request_id=str(ident),
-                            deadline=deadline, priority=priority, shape_key=shape_key(inputs, True))
+    return InferenceRequest(
+        inputs=inputs,
+        rows=rows,
+        outputs=["DOUBLE", "ID_OUT"],
+        request_id=str(ident),
+        deadline=deadline,
+        priority=priority,
+        shape_key=shape_key(inputs, True),
+    )
 
 
 def make_batcher(backend: FakeBackend, loop, replicas: int = 1, **settings) -> DynamicBatcher:
@@ -120,8 +128,9 @@ def test_split_of_concat_returns_exactly_each_requests_rows(specs):
 def test_low_load_dispatches_at_once_without_waiting_for_the_delay():
     async def scenario():
         backend = FakeBackend()
-        batcher = make_batcher(backend, asyncio.get_running_loop(), max_queue_delay_us=2_000_000,
-                               preferred_batch_sizes=[8])
+        batcher = make_batcher(
+            backend, asyncio.get_running_loop(), max_queue_delay_us=2_000_000, preferred_batch_sizes=[8]
+        )
         started = time.perf_counter()
         await batcher.submit(make_request(1))
         return time.perf_counter() - started, batcher.stats.flush_reasons
@@ -236,6 +245,6 @@ def test_executor_splits_outputs_for_unbatched_single_request():
     executor = Executor(backend, SIG, "fake:1")
     request = WorkItem(make_request(5, rows=2).inputs, 2, ["ID_OUT"])
     outcome = executor.execute([request])
-    (name, datatype, shape, raw), = outcome.results[0]
+    ((name, datatype, shape, raw),) = outcome.results[0]
     assert (name, datatype, shape) == ("ID_OUT", "INT64", [2, 1])
     assert outcome.timings.executions == 1

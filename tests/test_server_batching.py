@@ -30,8 +30,9 @@ def server(tmp_path_factory):
 
 def infer_future(channel, request, timeout=30):
     m = METHODS["ModelInfer"]
-    stub = channel.unary_unary(m.path, request_serializer=m.request.SerializeToString,
-                               response_deserializer=m.response.FromString)
+    stub = channel.unary_unary(
+        m.path, request_serializer=m.request.SerializeToString, response_deserializer=m.response.FromString
+    )
     return stub.future(request, timeout=timeout)
 
 
@@ -43,7 +44,9 @@ def test_batched_model_gives_correct_outputs(server):
     a = np.random.default_rng(0).normal(size=(5, 16)).astype(np.float32)
     b = np.random.default_rng(1).normal(size=(5, 16)).astype(np.float32)
     with server.channel() as channel:
-        response = call(channel, "ModelInfer", infer_request("add_sub", {"INPUT0": a, "INPUT1": b}, request_id="r1"))
+        response = call(
+            channel, "ModelInfer", infer_request("add_sub", {"INPUT0": a, "INPUT1": b}, request_id="r1")
+        )
     out = outputs_of(response)
     assert response.id == "r1" and response.model_version == "1"
     np.testing.assert_allclose(out["OUTPUT0"], a + b)
@@ -53,8 +56,11 @@ def test_batched_model_gives_correct_outputs(server):
 def test_unbatched_model_gives_correct_outputs(server):
     a = np.arange(16, dtype=np.float32)
     with server.channel() as channel:
-        response = call(channel, "ModelInfer",
-                        infer_request("add_sub_nobatch", {"INPUT0": a, "INPUT1": a}, outputs=["OUTPUT1"]))
+        response = call(
+            channel,
+            "ModelInfer",
+            infer_request("add_sub_nobatch", {"INPUT0": a, "INPUT1": a}, outputs=["OUTPUT1"]),
+        )
     out = outputs_of(response)
     assert list(out) == ["OUTPUT1"] and out["OUTPUT1"].shape == (16,)
     np.testing.assert_array_equal(out["OUTPUT1"], np.zeros(16, np.float32))
@@ -88,8 +94,10 @@ def test_32_concurrent_single_sample_clients_get_their_own_rows_in_batches(serve
 def test_identity_model_under_concurrency_returns_each_clients_values(server):
     with server.channel() as channel:
         futures = [
-            infer_future(channel, infer_request("identity", {"INPUT0": np.full((1, 16), i, np.float32)},
-                                                request_id=str(i)))
+            infer_future(
+                channel,
+                infer_request("identity", {"INPUT0": np.full((1, 16), i, np.float32)}, request_id=str(i)),
+            )
             for i in range(200)
         ]
         for i, future in enumerate(futures):

@@ -47,7 +47,9 @@ def test_unknown_model_and_version_are_not_found(server):
     with server.channel() as channel:
         code, details = status_of(channel, infer_request("nope", {"INPUT0": OK}))
         assert code == grpc.StatusCode.NOT_FOUND and "nope" in details
-        code, details = status_of(channel, infer_request("add_sub", {"INPUT0": OK, "INPUT1": OK}, version="7"))
+        code, details = status_of(
+            channel, infer_request("add_sub", {"INPUT0": OK, "INPUT1": OK}, version="7")
+        )
         assert code == grpc.StatusCode.NOT_FOUND and "version 7" in details
         with pytest.raises(grpc.RpcError) as err:
             call(channel, "ModelMetadata", pb.ModelMetadataRequest(name="nope"))
@@ -61,13 +63,22 @@ def test_unknown_model_and_version_are_not_found(server):
         (lambda: add_sub(INPUT1=np.ones((1, 16), np.float64)), "datatype FP64, expected FP32"),
         (lambda: add_sub(INPUT1=np.ones((1, 15), np.float32)), "expected [-1, 16]"),
         (lambda: add_sub(INPUT0=np.ones((1, 1, 16), np.float32)), "expected [-1, 16]"),
-        (lambda: add_sub(INPUT0=np.ones((5, 16), np.float32), INPUT1=np.ones((5, 16), np.float32)),
-         "exceeds the model's max_batch_size 4"),
+        (
+            lambda: add_sub(INPUT0=np.ones((5, 16), np.float32), INPUT1=np.ones((5, 16), np.float32)),
+            "exceeds the model's max_batch_size 4",
+        ),
         (lambda: add_sub(INPUT1=np.ones((2, 16), np.float32)), "disagree on the batch dimension"),
         (lambda: infer_request("add_sub", {"INPUT0": OK}), "missing inputs ['INPUT1']"),
     ],
-    ids=["unknown-input", "wrong-datatype", "wrong-shape", "wrong-rank", "batch-over-max", "batch-mismatch",
-         "missing-input"],
+    ids=[
+        "unknown-input",
+        "wrong-datatype",
+        "wrong-shape",
+        "wrong-rank",
+        "batch-over-max",
+        "batch-mismatch",
+        "missing-input",
+    ],
 )
 def test_invalid_inputs_are_invalid_argument_with_a_useful_message(server, make, expected):
     with server.channel() as channel:
@@ -136,8 +147,11 @@ def test_full_queue_is_resource_exhausted_with_pushback_and_queued_work_complete
     log = server.extra["repo"] / "sleeper.calls"
     m = METHODS["ModelInfer"]
     with server.channel() as channel:
-        stub = channel.unary_unary(m.path, request_serializer=m.request.SerializeToString,
-                                   response_deserializer=m.response.FromString)
+        stub = channel.unary_unary(
+            m.path,
+            request_serializer=m.request.SerializeToString,
+            response_deserializer=m.response.FromString,
+        )
         running = stub.future(sleeper_request(101, sleep_ms=700), timeout=30)
         time.sleep(0.2)
         queued = [stub.future(sleeper_request(i), timeout=30) for i in (102, 103)]
@@ -156,14 +170,21 @@ def test_full_queue_is_resource_exhausted_with_pushback_and_queued_work_complete
 def test_backend_failure_is_internal_and_fails_only_that_request(server):
     m = METHODS["ModelInfer"]
     with server.channel() as channel:
-        stub = channel.unary_unary(m.path, request_serializer=m.request.SerializeToString,
-                                   response_deserializer=m.response.FromString)
-        blocker = stub.future(infer_request("batchy", {"ID": np.array([[200]]),
-                                                       "SLEEP_MS": np.array([[300]], np.float32)}), timeout=30)
+        stub = channel.unary_unary(
+            m.path,
+            request_serializer=m.request.SerializeToString,
+            response_deserializer=m.response.FromString,
+        )
+        blocker = stub.future(
+            infer_request("batchy", {"ID": np.array([[200]]), "SLEEP_MS": np.array([[300]], np.float32)}),
+            timeout=30,
+        )
         time.sleep(0.1)
         futures = {
-            i: stub.future(infer_request("batchy", {"ID": np.array([[i]]), "SLEEP_MS": np.zeros((1, 1), np.float32)}),
-                           timeout=30)
+            i: stub.future(
+                infer_request("batchy", {"ID": np.array([[i]]), "SLEEP_MS": np.zeros((1, 1), np.float32)}),
+                timeout=30,
+            )
             for i in (11, 12, 13, 14)
         }
         blocker.result()
@@ -177,7 +198,11 @@ def test_backend_failure_is_internal_and_fails_only_that_request(server):
     assert results[11] == 11 and results[12] == 12 and results[14] == 14
     failure = results[13]
     assert failure.code() == grpc.StatusCode.INTERNAL
-    assert "batchy" in failure.details() and "Traceback" not in failure.details() and "unlucky" not in failure.details()
+    assert (
+        "batchy" in failure.details()
+        and "Traceback" not in failure.details()
+        and "unlucky" not in failure.details()
+    )
     assert "unlucky 13" in server.log()  # the traceback goes to the log
     assert any(b.batch_size == 4 for b in stats.batch_stats)  # the four were tried together first
 
@@ -185,15 +210,26 @@ def test_backend_failure_is_internal_and_fails_only_that_request(server):
 def test_model_loading_is_unavailable(server):
     repo = server.extra["repo"]
     sleeper_model(repo, name="slow_loader", init_seconds=3.0)
-    loader = threading.Thread(target=lambda: call(server.channel(), "RepositoryModelLoad",
-                                                  pb.RepositoryModelLoadRequest(model_name="slow_loader"), timeout=60))
+    loader = threading.Thread(
+        target=lambda: call(
+            server.channel(),
+            "RepositoryModelLoad",
+            pb.RepositoryModelLoadRequest(model_name="slow_loader"),
+            timeout=60,
+        )
+    )
     loader.start()
     try:
         time.sleep(1.0)
         with server.channel() as channel:
             with pytest.raises(grpc.RpcError) as err:
-                call(channel, "ModelInfer", infer_request(
-                    "slow_loader", {"ID": np.array([[1]]), "SLEEP_MS": np.zeros((1, 1), np.float32)}))
+                call(
+                    channel,
+                    "ModelInfer",
+                    infer_request(
+                        "slow_loader", {"ID": np.array([[1]]), "SLEEP_MS": np.zeros((1, 1), np.float32)}
+                    ),
+                )
             ready = call(channel, "ModelReady", pb.ModelReadyRequest(name="slow_loader")).ready
     finally:
         loader.join()
@@ -220,8 +256,11 @@ def test_deadline_already_passed_and_cancel_are_reported(server):
             call(channel, "ModelInfer", sleeper_request(7, sleep_ms=500), timeout=0.05)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         m = METHODS["ModelInfer"]
-        future = channel.unary_unary(m.path, request_serializer=m.request.SerializeToString,
-                                     response_deserializer=m.response.FromString).future(sleeper_request(8, 300))
+        future = channel.unary_unary(
+            m.path,
+            request_serializer=m.request.SerializeToString,
+            response_deserializer=m.response.FromString,
+        ).future(sleeper_request(8, 300))
         time.sleep(0.05)
         future.cancel()
         assert future.cancelled()
@@ -238,8 +277,12 @@ def test_auth_token_is_required_when_configured(tmp_path):
             deadline = time.monotonic() + 60
             while True:  # readiness over an authenticated call
                 try:
-                    if call(channel, "ServerReady", pb.ServerReadyRequest(),
-                            metadata=[("authorization", "Bearer s3cret")]).ready:
+                    if call(
+                        channel,
+                        "ServerReady",
+                        pb.ServerReadyRequest(),
+                        metadata=[("authorization", "Bearer s3cret")],
+                    ).ready:
                         break
                 except grpc.RpcError:
                     pass
@@ -253,5 +296,7 @@ def test_auth_token_is_required_when_configured(tmp_path):
             assert response.model_name == "identity"
             from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=5
+            )
             assert health.status == health_pb2.HealthCheckResponse.SERVING  # probes need no token

@@ -56,10 +56,17 @@ def ops_repo(tmp_path_factory):
     garbage_onnx(repo, "partial", version=2, version_policy={"all": True})
     # Version policies.
     for version in (1, 2, 3):
-        onnx_identity(repo, "all_versions", dims=[16], max_batch_size=8, version=version,
-                      version_policy={"all": True})
-        onnx_identity(repo, "specific_versions", dims=[16], max_batch_size=8, version=version,
-                      version_policy={"specific": [1, 3]})
+        onnx_identity(
+            repo, "all_versions", dims=[16], max_batch_size=8, version=version, version_policy={"all": True}
+        )
+        onnx_identity(
+            repo,
+            "specific_versions",
+            dims=[16],
+            max_batch_size=8,
+            version=version,
+            version_policy={"specific": [1, 3]},
+        )
     # A valid model *outside* the repository: the target of a path-traversal load.
     onnx_identity(root, "victim", dims=[16], max_batch_size=8)
     return repo
@@ -134,22 +141,37 @@ def test_reflection_lists_services(channel):
 def test_reflection_file_containing_service(channel):
     response = _reflect(channel, file_containing_symbol=SERVICE)
     assert not response.HasField("error_response"), response.error_response
-    files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
-             for raw in response.file_descriptor_response.file_descriptor_proto]
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in response.file_descriptor_response.file_descriptor_proto
+    ]
     [file] = [f for f in files if any(s.name == "GRPCInferenceService" for s in f.service)]
     assert file.package == "inference"
     [service] = file.service
     methods = {m.name: m for m in service.method}
-    assert {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
-            "ModelStreamInfer", "ModelConfig", "ModelStatistics", "RepositoryIndex",
-            "RepositoryModelLoad", "RepositoryModelUnload"} <= set(methods)
+    assert {
+        "ServerLive",
+        "ServerReady",
+        "ModelReady",
+        "ServerMetadata",
+        "ModelMetadata",
+        "ModelInfer",
+        "ModelStreamInfer",
+        "ModelConfig",
+        "ModelStatistics",
+        "RepositoryIndex",
+        "RepositoryModelLoad",
+        "RepositoryModelUnload",
+    } <= set(methods)
     assert methods["ModelInfer"].input_type == ".inference.ModelInferRequest"
     assert methods["ModelStreamInfer"].client_streaming and methods["ModelStreamInfer"].server_streaming
     assert "tensorwire" not in str(file)  # fully re-packaged: no reference to our private package
 
     health = _reflect(channel, file_containing_symbol="grpc.health.v1.Health")
-    [health_file] = [descriptor_pb2.FileDescriptorProto.FromString(raw)
-                     for raw in health.file_descriptor_response.file_descriptor_proto]
+    [health_file] = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in health.file_descriptor_response.file_descriptor_proto
+    ]
     assert health_file.package == "grpc.health.v1"
     missing = _reflect(channel, file_containing_symbol="inference.NoSuchThing")
     assert missing.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
@@ -162,11 +184,16 @@ def test_reflection_descriptors_match_our_messages(ops_server):
         method = pool.FindServiceByName(SERVICE).methods_by_name["ModelInfer"]
         assert method.input_type.full_name == "inference.ModelInferRequest"
         assert method.output_type.full_name == "inference.ModelInferResponse"
-        for ours in (pb.ModelInferRequest, pb.ModelInferResponse, pb.InferParameter,
-                     pb.ModelStreamInferResponse):
+        for ours in (
+            pb.ModelInferRequest,
+            pb.ModelInferResponse,
+            pb.InferParameter,
+            pb.ModelStreamInferResponse,
+        ):
             theirs = pool.FindMessageTypeByName(f"inference.{ours.DESCRIPTOR.name}")
             assert {(f.name, f.number) for f in theirs.fields} == {
-                (f.name, f.number) for f in ours.DESCRIPTOR.fields}
+                (f.name, f.number) for f in ours.DESCRIPTOR.fields
+            }
 
 
 # ------------------------------------------------------------ (c) metrics
@@ -195,9 +222,13 @@ def test_prometheus_metrics(ops_server, channel):
     for n in rows:
         call(channel, "ModelInfer", _identity_request("metered", rows=n, width=4))
     text = _scrape(ops_server)
-    for name in ("tensorwire_request_success_total", "tensorwire_inference_count_total",
-                 "tensorwire_execution_count_total", "tensorwire_batch_size_count",
-                 "tensorwire_queue_duration_seconds_count"):
+    for name in (
+        "tensorwire_request_success_total",
+        "tensorwire_inference_count_total",
+        "tensorwire_execution_count_total",
+        "tensorwire_batch_size_count",
+        "tensorwire_queue_duration_seconds_count",
+    ):
         assert f'{name}{{model="metered",version="1"}}' in text, name
     assert "# TYPE tensorwire_batch_size histogram" in text
     assert "# TYPE tensorwire_queue_duration_seconds histogram" in text
@@ -417,8 +448,10 @@ def test_loading_a_broken_model_explains_and_keeps_serving(ops_repo, channel):
 def test_load_refuses_path_traversal(ops_repo, channel, name):
     root = ops_repo.parent
     before_files, before_index = snapshot(root), _index(channel)
-    for method, message in (("RepositoryModelLoad", pb.RepositoryModelLoadRequest),
-                            ("RepositoryModelUnload", pb.RepositoryModelUnloadRequest)):
+    for method, message in (
+        ("RepositoryModelLoad", pb.RepositoryModelLoadRequest),
+        ("RepositoryModelUnload", pb.RepositoryModelUnloadRequest),
+    ):
         with pytest.raises(grpc.RpcError) as caught:
             call(channel, method, message(model_name=name), timeout=30)
         assert caught.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT), method
@@ -432,12 +465,28 @@ def test_load_refuses_path_traversal(ops_repo, channel, name):
 
 
 def test_serve_help_lists_every_option():
-    result = subprocess.run([sys.executable, "-m", "tensorwire.cli", "serve", "--help"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "tensorwire.cli", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
-    for option in ("--repo", "--host", "--grpc-port", "--metrics-port", "--max-message-bytes", "--tls-cert",
-                   "--tls-key", "--tls-client-ca", "--auth-token-file", "--drain-seconds", "--grace-seconds",
-                   "--poll", "--log-level"):
+    for option in (
+        "--repo",
+        "--host",
+        "--grpc-port",
+        "--metrics-port",
+        "--max-message-bytes",
+        "--tls-cert",
+        "--tls-key",
+        "--tls-client-ca",
+        "--auth-token-file",
+        "--drain-seconds",
+        "--grace-seconds",
+        "--poll",
+        "--log-level",
+    ):
         assert option in result.stdout, option
 
     from tensorwire.server.cli import build_parser
@@ -482,9 +531,11 @@ def test_version_policy_specific(channel):
 @pytest.mark.parametrize("version", ["abc", "-1", "0", "1.0", " 1", "\u00b2", "\u0661", "9" * 30])
 def test_malformed_or_unknown_version_is_not_found(channel, version):
     """Only ASCII decimal versions exist; '²' or Arabic-Indic '١' must not crash or alias version 1."""
-    for method, message in (("ModelInfer", _identity_request("good", version=version)),
-                            ("ModelReady", pb.ModelReadyRequest(name="good", version=version)),
-                            ("ModelMetadata", pb.ModelMetadataRequest(name="good", version=version))):
+    for method, message in (
+        ("ModelInfer", _identity_request("good", version=version)),
+        ("ModelReady", pb.ModelReadyRequest(name="good", version=version)),
+        ("ModelMetadata", pb.ModelMetadataRequest(name="good", version=version)),
+    ):
         with pytest.raises(grpc.RpcError) as caught:
             call(channel, method, message)
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND, (method, caught.value.details())

@@ -20,8 +20,11 @@ def test_sigterm_drains_accepted_requests_and_exits_zero(tmp_path):
     with running_server(repo, "--drain-seconds", "0.6", "--grace-seconds", "20") as server:
         m = METHODS["ModelInfer"]
         with server.channel() as channel:
-            stub = channel.unary_unary(m.path, request_serializer=m.request.SerializeToString,
-                                       response_deserializer=m.response.FromString)
+            stub = channel.unary_unary(
+                m.path,
+                request_serializer=m.request.SerializeToString,
+                response_deserializer=m.response.FromString,
+            )
             accepted = [stub.future(sleeper_request(i, sleep_ms=150), timeout=60) for i in range(21, 41)]
             time.sleep(0.3)  # all 20 are queued or running (10 batches x 150 ms = 1.5 s of work)
             server.process.send_signal(signal.SIGTERM)

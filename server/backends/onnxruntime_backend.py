@@ -23,11 +23,20 @@ log = logging.getLogger("tensorwire.backend.onnxruntime")
 
 # ONNX Runtime type strings -> v2 datatypes.
 _ORT_TO_V2 = {
-    "tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64", "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
-    "tensor(bfloat16)": "BF16", "tensor(string)": "BYTES",
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(bfloat16)": "BF16",
+    "tensor(string)": "BYTES",
 }
 
 
@@ -61,7 +70,10 @@ class OnnxRuntimeBackend:
             if "CUDAExecutionProvider" in ort.get_available_providers():
                 providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
             else:
-                log.warning("event=cuda_unavailable model=%s detail='onnxruntime has no CUDA provider; running on CPU'", path)
+                log.warning(
+                    "event=cuda_unavailable model=%s detail='onnxruntime has no CUDA provider; running on CPU'",
+                    path,
+                )
         self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         used = self._session.get_providers()
         self.device = placement.device if used and used[0] == "CUDAExecutionProvider" else "cpu"
@@ -100,7 +112,9 @@ class OnnxRuntimeBackend:
         values = {}
         for name, array in feeds.items():
             if name in self._bf16:
-                values[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(float32_to_bf16_bits(array), 16)
+                values[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+                    float32_to_bf16_bits(array), 16
+                )
             else:
                 values[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
         results = self._session.run_with_ort_values(output_names, values)

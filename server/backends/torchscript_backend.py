@@ -17,9 +17,18 @@ import torch
 from tensorwire.server.backends.base import Placement, TensorInfo
 
 _V2_TO_TORCH = {
-    "BOOL": torch.bool, "UINT8": torch.uint8, "INT8": torch.int8, "INT16": torch.int16,
-    "INT32": torch.int32, "INT64": torch.int64, "FP16": torch.float16, "FP32": torch.float32,
-    "FP64": torch.float64, "BF16": torch.bfloat16, "UINT16": torch.uint16, "UINT32": torch.uint32,
+    "BOOL": torch.bool,
+    "UINT8": torch.uint8,
+    "INT8": torch.int8,
+    "INT16": torch.int16,
+    "INT32": torch.int32,
+    "INT64": torch.int64,
+    "FP16": torch.float16,
+    "FP32": torch.float32,
+    "FP64": torch.float64,
+    "BF16": torch.bfloat16,
+    "UINT16": torch.uint16,
+    "UINT32": torch.uint32,
     "UINT64": torch.uint64,
 }
 _threads_lock = threading.Lock()
