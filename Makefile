@@ -32,6 +32,10 @@ serve: $(STAMP) $(REPO)/.built
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Regenerate BENCHMARKS.md (~7 min; waits for a quiet machine). Raw numbers go to .cache/benchmarks/.
+bench: $(STAMP)
+	$(BIN)/python -m tensorwire.loadtest.benchmarks --out BENCHMARKS.md --json .cache/benchmarks/BENCHMARKS.json
+
 proto: $(STAMP)
 	$(BIN)/python -m tensorwire.proto.generate
 
