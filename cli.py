@@ -38,11 +38,6 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def register(name: str, module: str, function: str, help_text: str) -> None:
-    """Add a subcommand (parts call this only through the table above; kept for tests)."""
-    SUBCOMMANDS[name] = (module, function, help_text)
-
-
 def _usage() -> str:
     width = max(len(name) for name in SUBCOMMANDS)
     lines = [f"  {name:<{width}}  {help_text}" for name, (_, _, help_text) in sorted(SUBCOMMANDS.items())]

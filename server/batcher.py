@@ -27,9 +27,8 @@ from tensorwire.server.errors import (
     DeadlineExceededError,
     ModelUnavailableError,
     QueueFullError,
-    ServingError,
 )
-from tensorwire.server.replicas import BatchOutcome, EncodedTensor, Replica, WorkItem
+from tensorwire.server.replicas import BatchOutcome, Replica, WorkItem
 from tensorwire.server.stats import ModelVersionStats
 
 QUEUED, RUNNING, DONE, CANCELLED, EXPIRED = "queued", "running", "done", "cancelled", "expired"
@@ -131,9 +130,7 @@ class DynamicBatcher:
     def submit(self, request: InferenceRequest) -> asyncio.Future:
         """Admit a request; its future resolves to its encoded outputs or an error."""
         if not self._accepting:
-            raise ModelUnavailableError(
-                f"model {self.label} is unloading or the server is draining; retry elsewhere"
-            )
+            raise ModelUnavailableError(f"model {self.label} is unloading or the server is draining; retry elsewhere")
         if self._queued >= self.settings.max_queue_size:
             raise QueueFullError(
                 f"model {self.label} has {self._queued} requests queued (max_queue_size "
@@ -327,15 +324,7 @@ class DynamicBatcher:
                 if request.state == QUEUED:
                     self._leave_queue(request, CANCELLED)
                     if request.future is not None and not request.future.done():
-                        request.future.set_exception(
-                            ModelUnavailableError(f"model {self.label} was unloaded")
-                        )
+                        request.future.set_exception(ModelUnavailableError(f"model {self.label} was unloaded"))
             queue.clear()
         if self._delay_timer is not None:
             self._delay_timer.cancel()
-
-
-def raise_if_failed(result: list[EncodedTensor] | ServingError) -> list[EncodedTensor]:
-    if isinstance(result, Exception):
-        raise result
-    return result

@@ -18,7 +18,7 @@ import numpy as np
 
 from tensorwire import __version__
 from tensorwire.proto import inference_pb2 as pb
-from tensorwire.proto.codec import CodecError, decode_contents, decode_raw
+from tensorwire.proto.codec import DATATYPES, CodecError, decode_contents, decode_raw
 from tensorwire.proto.service import METHODS
 from tensorwire.server.batcher import InferenceRequest
 from tensorwire.server.errors import (
@@ -35,25 +35,7 @@ from tensorwire.server.signature import check_input, check_rows
 log = logging.getLogger("tensorwire.servicer")
 
 EXTENSIONS = ["model_repository", "model_configuration", "schedule_policy", "parameters", "statistics"]
-_CONFIG_TYPES = {
-    name: getattr(pb, f"TYPE_{'STRING' if name == 'BYTES' else name}")
-    for name in (
-        "BOOL",
-        "UINT8",
-        "UINT16",
-        "UINT32",
-        "UINT64",
-        "INT8",
-        "INT16",
-        "INT32",
-        "INT64",
-        "FP16",
-        "FP32",
-        "FP64",
-        "BF16",
-        "BYTES",
-    )
-}
+_CONFIG_TYPES = {name: getattr(pb, f"TYPE_{'STRING' if name == 'BYTES' else name}") for name in DATATYPES}
 _KINDS = {
     "cpu": pb.ModelInstanceGroup.KIND_CPU,
     "gpu": pb.ModelInstanceGroup.KIND_GPU,
