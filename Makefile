@@ -32,9 +32,9 @@ serve: $(STAMP) $(REPO)/.built
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Regenerate BENCHMARKS.md (~7 min; waits for a quiet machine). Raw numbers go to .cache/benchmarks/.
+# Regenerate BENCHMARKS.md (~15 min; waits for a quiet machine). Raw numbers and logs go to .cache/.
 bench: $(STAMP)
-	$(BIN)/python -m tensorwire.loadtest.benchmarks --out BENCHMARKS.md --json .cache/benchmarks/BENCHMARKS.json
+	$(BIN)/python -m tensorwire.loadtest.benchmarks_all --out BENCHMARKS.md
 
 proto: $(STAMP)
 	$(BIN)/python -m tensorwire.proto.generate
