@@ -44,15 +44,43 @@ def _sdk_section(work: Path) -> str:
         build_models(["--repo", str(repo), "--models", "identity", "--variants", "batched"])
     port = "18765"
     server = subprocess.Popen(
-        [PYTHON, "-m", "tensorwire.cli", "serve", "--repo", str(repo), "--host", "127.0.0.1",
-         "--grpc-port", port, "--metrics-port", "0", "--log-level", "WARNING", "--drain-seconds", "0"],
+        [
+            PYTHON,
+            "-m",
+            "tensorwire.cli",
+            "serve",
+            "--repo",
+            str(repo),
+            "--host",
+            "127.0.0.1",
+            "--grpc-port",
+            port,
+            "--metrics-port",
+            "0",
+            "--log-level",
+            "WARNING",
+            "--drain-seconds",
+            "0",
+        ],
     )
     try:
         time.sleep(5)
-        command = [PYTHON, "-m", "tensorwire.loadtest.sdk_overhead", "--address", f"127.0.0.1:{port}",
-                   "--model", "identity", "--server-pid", str(server.pid)]
+        command = [
+            PYTHON,
+            "-m",
+            "tensorwire.loadtest.sdk_overhead",
+            "--address",
+            f"127.0.0.1:{port}",
+            "--model",
+            "identity",
+            "--server-pid",
+            str(server.pid),
+        ]
         out = _run(command, work / "sdk_overhead.log")
-        return f"## Client SDK overhead and streaming\n\nCommand: `{' '.join(command[1:])}` (server: `tensorwire serve` on the identity reference model)\n\n{out}"
+        return (
+            f"## Client SDK overhead and streaming\n\nCommand: `{' '.join(command[1:])}` "
+            f"(server: `tensorwire serve` on the identity reference model)\n\n{out}"
+        )
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
@@ -67,9 +95,22 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     sweeps = work / "sweeps.md"
-    _run([PYTHON, "-m", "tensorwire.loadtest.benchmarks", "--out", str(sweeps), "--json",
-          str(work / "sweeps.json"), "--plot", str(args.out.with_suffix(".png")), "--progress", "plain"],
-         work / "sweeps.log")
+    _run(
+        [
+            PYTHON,
+            "-m",
+            "tensorwire.loadtest.benchmarks",
+            "--out",
+            str(sweeps),
+            "--json",
+            str(work / "sweeps.json"),
+            "--plot",
+            str(args.out.with_suffix(".png")),
+            "--progress",
+            "plain",
+        ],
+        work / "sweeps.log",
+    )
     _run([PYTHON, "-m", "tensorwire.loadtest.pa_sweep", "--out", str(work / "pa_sweep")], work / "pa_sweep.log")
     sdk = _sdk_section(work)
     int8 = _run([PYTHON, "-m", "tensorwire.trainer.bench_int8"], work / "bench_int8.log")

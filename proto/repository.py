@@ -126,6 +126,9 @@ class InstanceGroup(_Strict):
     count: Annotated[int, Field(ge=1, le=256)] = 1
     gpus: list[Annotated[int, Field(ge=0)]] | None = None
     threads: Annotated[int, Field(ge=1)] | None = None  # intra-op threads per CPU replica
+    # Let ONNX Runtime's intra-op threads spin while idle: a little lower latency on an otherwise idle
+    # machine, but the spinning burns the CPU that the event loop needs (measured: +40 % throughput off).
+    spin_wait: bool = False
 
     @model_validator(mode="after")
     def _gpus_only_for_gpu(self) -> InstanceGroup:

@@ -63,13 +63,13 @@ def placements_for(config: ModelConfigFile, cores: int, gpus: int) -> list[Place
                     "use kind = 'cpu' or 'auto'"
                 )
             for device in devices:
-                result += [Placement(f"cuda:{device}", group.threads or 1)] * group.count
+                result += [Placement(f"cuda:{device}", group.threads or 1, group.spin_wait)] * group.count
         else:
             cpu_groups.append(group)
     total = sum(group.count for group in cpu_groups)
     for group in cpu_groups:
         threads = group.threads or max(1, cores // total)
-        result += [Placement("cpu", threads)] * group.count
+        result += [Placement("cpu", threads, group.spin_wait)] * group.count
     cpu_threads = sum(p.threads for p in result if p.device == "cpu")
     if cpu_threads > cores:
         log.warning(

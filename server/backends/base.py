@@ -23,10 +23,12 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a replica runs: ``device`` is "cpu" or "cuda:N"; ``threads`` intra-op threads."""
+    """Where a replica runs: ``device`` is "cpu" or "cuda:N"; ``threads`` intra-op threads;
+    ``spin_wait`` lets those threads spin between runs (ONNX Runtime)."""
 
     device: str = "cpu"
     threads: int = 1
+    spin_wait: bool = False
 
 
 class Backend(Protocol):

@@ -64,6 +64,9 @@ class OnnxRuntimeBackend:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        if not placement.spin_wait:
+            # Spinning intra-op threads compete with the event loop for the same cores.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list = ["CPUExecutionProvider"]
         if placement.device.startswith("cuda"):
             index = int(placement.device.split(":")[1]) if ":" in placement.device else 0
