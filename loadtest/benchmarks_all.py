@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -78,7 +79,7 @@ def _sdk_section(work: Path) -> str:
         ]
         out = _run(command, work / "sdk_overhead.log")
         return (
-            f"## Client SDK overhead and streaming\n\nCommand: `{' '.join(command[1:])}` "
+            f"## Client SDK overhead and streaming\n\nCommand: `python {' '.join(command[1:])}` "
             f"(server: `tensorwire serve` on the identity reference model)\n\n{out}"
         )
     finally:
@@ -114,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     _run([PYTHON, "-m", "tensorwire.loadtest.pa_sweep", "--out", str(work / "pa_sweep")], work / "pa_sweep.log")
     sdk = _sdk_section(work)
     int8 = _run([PYTHON, "-m", "tensorwire.trainer.bench_int8"], work / "bench_int8.log")
-    body = sweeps.read_text().replace("](BENCHMARKS.png)", f"]({args.out.with_suffix('.png').name})")
+    # The sweeps file links its plot relative to where it was written; the report sits beside the plot.
+    body = re.sub(r"\]\([^)]*" + re.escape(args.out.with_suffix(".png").name) + r"\)",
+                  f"]({args.out.with_suffix('.png').name})", sweeps.read_text())
     sections = [
         body.rstrip(),
         "# perf_analyzer: serving overhead, the CNN against its ceiling, served INT8 vs FP32\n\n"
