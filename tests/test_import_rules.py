@@ -1,0 +1,30 @@
+"""Who may import whom (ARCHITECTURE.md): checked in fresh interpreters, so nothing else loaded them first."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def modules_after_import(module: str) -> set[str]:
+    code = f"import json, sys, {module}; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["tensorwire.server.app", "tensorwire.server.servicer", "tensorwire.server.cli"],
+)
+def test_the_server_never_imports_the_client_the_trainer_or_torch(module):
+    loaded = modules_after_import(module)
+    assert not {m for m in loaded if m.startswith(("tensorwire.client", "tensorwire.trainer"))}
+    assert "torch" not in loaded  # the TorchScript backend loads torch only when a model needs it
+
+
+def test_the_batching_core_imports_no_grpc():
+    loaded = modules_after_import("tensorwire.server.manager")
+    assert not {m for m in loaded if m == "grpc" or m.startswith("grpc.")}
