@@ -10,29 +10,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "loadtest" / "perf_analyzer.sh"
 
 pytestmark = pytest.mark.slow
 
 LEVEL_NUMBERS = ("throughput_rps", "latency_p50_ms", "latency_p99_ms", "server_avg_batch", "server_cpu_cores",
                  "perf_analyzer_cpu_cores", "wall_s")
-
-
-@pytest.fixture(scope="module")
-def perf_analyzer() -> Path:
-    try:
-        done = subprocess.run([str(SCRIPT), "--setup-only"], capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        pytest.skip("perf_analyzer could not be set up within 300 s (slow or no network to the registry)")
-    if done.returncode != 0:
-        reason = done.stderr.strip()[-600:]
-        pytest.skip(f"perf_analyzer could not be set up (needs pip/apt access once): {reason}")
-    return SCRIPT
 
 
 @pytest.fixture(scope="module")

@@ -17,21 +17,6 @@ from serving import running_server
 
 from tensorwire.loadtest.reference_models import build_repository
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "loadtest" / "perf_analyzer.sh"
-
-
-@pytest.fixture(scope="module")
-def perf_analyzer() -> Path:
-    try:
-        done = subprocess.run([str(SCRIPT), "--setup-only"], capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        pytest.skip("perf_analyzer could not be set up within 300 s (slow or no network to the registry)")
-    if done.returncode != 0:
-        reason = done.stderr.strip()[-600:]
-        pytest.skip(f"perf_analyzer could not be set up (needs pip/apt access once): {reason}")
-    return SCRIPT
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
