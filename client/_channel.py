@@ -20,7 +20,7 @@ import grpc
 
 from tensorwire.client.retry import RetryPolicy
 
-#: DESIGN §2: 2 GiB - 1 on both sides by default (gRPC's 4 MiB default trips real models).
+#: 2 GiB - 1 on both sides by default, as the server's (gRPC's 4 MiB default trips real models).
 DEFAULT_MAX_MESSAGE_BYTES = 2**31 - 1
 #: The conventional gRPC port of v2 inference servers (tensorwire, Triton).
 DEFAULT_PORT = 8001

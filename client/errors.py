@@ -4,7 +4,7 @@ Every failure an application sees from :mod:`tensorwire.client` is an
 :class:`InferenceServerError` (client-side input problems included, as
 :class:`InvalidInputError`), so ``except InferenceServerError`` is enough to
 catch them all, and the subclasses name the conditions worth handling
-separately. The mapping follows the server's status codes (DESIGN §6); the
+separately. The mapping follows the server's status codes (README, Errors); the
 message always keeps the server's own explanation.
 """
 

@@ -451,7 +451,7 @@ class Sweep:
 
 def latest_model_file(repo: Path, model: str, version: str | None = None) -> tuple[Path, Any]:
     """(model file, validated config) of a model in a local repository."""
-    from tensorwire.proto.repository import available_versions, load_model_config
+    from tensorwire.repository import available_versions, load_model_config
 
     model_dir = Path(repo) / model
     config = load_model_config(model_dir)

@@ -92,7 +92,7 @@ def wait_for_quiet(max_load: float, wait_s: float) -> tuple[float | None, float]
 
 def nobatch_twin(repo: Path, name: str) -> None:
     """``<name>_nobatch``: the same model file (hard link) with dynamic batching off."""
-    from tensorwire.proto.repository import write_model_config
+    from tensorwire.repository import write_model_config
 
     model_file, config = latest_model_file(repo, name)
     twin = repo / (name + NOBATCH)

@@ -107,7 +107,7 @@ def load_averages() -> list[float] | None:
 def build_models(out: Path) -> dict[str, Any]:
     """identity + cnn into ``<out>/models`` and cnn_int8 beside them; returns what was built."""
     from tensorwire.loadtest.reference_models import build_repository, sample_inputs, write_perf_inputs
-    from tensorwire.proto.repository import load_model_config, write_model_config
+    from tensorwire.repository import load_model_config, write_model_config
     from tensorwire.trainer.quantize import quantize_static
 
     repo = out / "models"

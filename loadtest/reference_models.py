@@ -1,4 +1,4 @@
-"""Benchmark reference models, written into a model repository (DESIGN §4).
+"""Benchmark reference models, written into a model repository.
 
     python -m tensorwire.loadtest.reference_models --repo bench_models
 
@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from tensorwire.proto.repository import (
+from tensorwire.repository import (
     DynamicBatching,
     InstanceGroup,
     ModelConfigFile,

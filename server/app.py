@@ -1,6 +1,6 @@
 """Assemble and run the server: gRPC (inference, health, reflection), metrics, signals, drain.
 
-Shutdown (DESIGN §7): on SIGTERM/SIGINT readiness and health flip to
+Shutdown: on SIGTERM/SIGINT readiness and health flip to
 NOT_SERVING first; the server keeps serving for ``drain_seconds`` so load
 balancers notice; then new inference is refused with UNAVAILABLE, everything
 accepted is finished (up to ``grace_seconds``), and the process exits 0.

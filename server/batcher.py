@@ -1,4 +1,4 @@
-"""The dynamic batcher: one per model version, living on the event loop (DESIGN §5).
+"""The dynamic batcher: one per model version, living on the event loop.
 
 Work-conserving: whenever a replica is free and work is queued, a batch goes
 out at once, unless the arrival rate says that waiting (at most
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tensorwire.proto.repository import DynamicBatching
+from tensorwire.repository import DynamicBatching
 from tensorwire.server.errors import (
     DeadlineExceededError,
     ModelUnavailableError,

@@ -1,4 +1,5 @@
-"""Core errors of the server, free of gRPC: the servicer maps each to a status (DESIGN §6).
+"""Core errors of the server, free of gRPC: the servicer maps each to a status
+(the table in README, Errors).
 
 Messages are written for the caller: they say what was wrong and what to send instead.
 """

@@ -1,10 +1,11 @@
 """The model manager: which models and versions exist, their states, and load/unload.
 
-Explicit model control (DESIGN §4): everything in the repository is loaded at
-start; afterwards only RepositoryModelLoad/Unload (or ``--poll``) change what
-is served. A reload brings the new versions up and warms them before the old
-ones stop taking work, so a rollout fails no request. A model that fails to
-load never stops the others: it shows as UNAVAILABLE with its reason.
+Explicit model control (Triton's ``--model-control-mode=explicit`` plus load-all at
+start): everything in the repository is loaded at start; afterwards only
+RepositoryModelLoad/Unload (or ``--poll``) change what is served. A reload brings
+the new versions up and warms them before the old ones stop taking work, so a
+rollout fails no request. A model that fails to load never stops the others: it
+shows as UNAVAILABLE with its reason.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tensorwire.proto.repository import (
+from tensorwire.repository import (
     CONFIG_FILE,
     ModelConfigFile,
     RepositoryConfigError,

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from tensorwire.proto.codec import NUMPY_DTYPES
-from tensorwire.proto.repository import ModelConfigFile
+from tensorwire.repository import ModelConfigFile
 from tensorwire.server.backends import Placement
 from tensorwire.server.batcher import DynamicBatcher, InferenceRequest
 from tensorwire.server.errors import ModelLoadError
@@ -81,7 +81,7 @@ def placements_for(config: ModelConfigFile, cores: int, gpus: int) -> list[Place
 
 
 def warmup_sizes(config: ModelConfigFile) -> list[int]:
-    """Batch sizes each replica runs before READY (DESIGN §5)."""
+    """Batch sizes each replica runs before READY, so no user pays a first-shape cost."""
     if config.warmup == "none":
         return []
     if config.max_batch_size == 0:

@@ -1,4 +1,4 @@
-"""Replicas: each owns one backend session and one worker thread (DESIGN §3).
+"""Replicas: each owns one backend session and one worker thread.
 
 The event loop hands a replica a whole batch; the replica's thread does the
 expensive part (concatenate inputs, run the model, split and encode outputs)

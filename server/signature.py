@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tensorwire.proto.repository import ModelConfigFile, TensorSpec
+from tensorwire.repository import ModelConfigFile, TensorSpec
 from tensorwire.server.backends.base import TensorInfo
 from tensorwire.server.errors import InvalidRequestError, ModelLoadError
 

@@ -2,7 +2,7 @@
 
 Both views are fed from the same events on the event loop (no locks needed for
 the Triton counters); ``tensorwire_*`` metric names and the model/version
-labels follow DESIGN §7.
+labels are ``model`` and ``version`` (plus ``device``/``replica`` for replicas).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The batcher and replicas with fake backends, no network (DESIGN §3: the core imports no grpc)."""
+"""The batcher and replicas with fake backends, no network (the batching core imports no grpc)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tensorwire.proto.codec import decode_raw
-from tensorwire.proto.repository import DynamicBatching
+from tensorwire.repository import DynamicBatching
 from tensorwire.server.backends import Placement
 from tensorwire.server.batcher import DynamicBatcher, InferenceRequest, shape_key
 from tensorwire.server.errors import DeadlineExceededError, ModelUnavailableError, QueueFullError

@@ -1,4 +1,5 @@
-"""tritonclient and tensorwire.client in one process, against one server (DESIGN §2).
+"""tritonclient and tensorwire.client in one process, against one server (our messages
+live in package tensorwire.v2, so both import).
 
 tritonclient registers package ``inference`` messages in protobuf's default pool;
 ours live in ``tensorwire.v2``. Importing tritonclient first and then the SDK,

@@ -465,7 +465,7 @@ def test_cli_conforms_inputs_to_model_metadata():
 
 def test_importing_the_client_loads_no_server_trainer_torch_or_onnxruntime():
     forbidden = ["torch", "onnxruntime", "onnx", "pydantic", "tensorwire.server", "tensorwire.trainer",
-                 "tensorwire.proto.repository"]
+                 "tensorwire.repository"]
     code = (
         "import sys, json\n"
         "import tensorwire.client, tensorwire.client.cli, tensorwire.client.aio\n"

@@ -28,3 +28,9 @@ def test_the_server_never_imports_the_client_the_trainer_or_torch(module):
 def test_the_batching_core_imports_no_grpc():
     loaded = modules_after_import("tensorwire.server.manager")
     assert not {m for m in loaded if m == "grpc" or m.startswith("grpc.")}
+
+
+def test_the_repository_format_imports_neither_server_nor_trainer_nor_runtimes():
+    loaded = modules_after_import("tensorwire.repository")
+    assert not {m for m in loaded if m.startswith(("tensorwire.server", "tensorwire.trainer", "tensorwire.client"))}
+    assert not {m for m in loaded if m in ("grpc", "torch", "onnxruntime")}

@@ -1,4 +1,4 @@
-"""Triton's own Python client (``tritonclient.grpc``) works against tensorwire unchanged (DESIGN §2).
+"""Triton's own Python client (``tritonclient.grpc``) works against tensorwire unchanged.
 
 tritonclient registers its generated messages in protobuf's default pool under
 package ``inference``; tensorwire's live in ``tensorwire.v2``. Both are

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tensorwire.proto.repository import parse_model_config
+from tensorwire.repository import parse_model_config
 from tensorwire.server.backends import Placement
 from tensorwire.server.errors import ModelLoadError
 from tensorwire.server.model_version import placements_for

@@ -30,7 +30,7 @@ STANDARD_SERVICE = "inference.GRPCInferenceService"
 OUR_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 TRITON_SERVICE = triton_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
-#: The RPCs DESIGN §2 asks for: the core protocol plus Triton's extensions.
+#: The RPCs we serve: the core protocol plus Triton's extensions.
 EXPECTED_METHODS = {
     "ServerLive",
     "ServerReady",

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from tensorwire.loadtest import reference_models as rm
-from tensorwire.proto.repository import list_models, load_model_config
+from tensorwire.repository import list_models, load_model_config
 
 
 @pytest.fixture(scope="module")

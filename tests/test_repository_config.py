@@ -1,4 +1,4 @@
-"""config.toml validation and the repository layout (tensorwire.proto.repository).
+"""config.toml validation and the repository layout (tensorwire.repository).
 
 Every invalid config must fail with a RepositoryConfigError whose message
 names the file and the offending field, so that a user can fix it without
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tensorwire.proto.repository import (
+from tensorwire.repository import (
     CONFIG_FILE,
     DynamicBatching,
     InstanceGroup,
@@ -28,7 +28,7 @@ from tensorwire.proto.repository import (
     write_model_config,
 )
 
-#: The example from DESIGN §4 (one long comment shortened).
+#: The full example of README's Model repository section (one long comment shortened).
 DESIGN_CONFIG = """\
 backend = "onnxruntime"            # or "torchscript"
 max_batch_size = 64                # 0 = the model takes no batch dimension

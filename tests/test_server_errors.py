@@ -1,4 +1,4 @@
-"""Every row of DESIGN §6: the right status, a message that says what to change, nothing else breaks."""
+"""Every row of README's error table: the right status, a message that says what to change, nothing else breaks."""
 
 from __future__ import annotations
 

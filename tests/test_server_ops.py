@@ -1,4 +1,4 @@
-"""Operations (DESIGN §4, §7): health, reflection, metrics, size limits, hot reload, broken models,
+"""Operations: health, reflection, metrics, size limits, hot reload, broken models,
 path traversal, the serve CLI and version policies -- all through a real server over real gRPC."""
 
 from __future__ import annotations

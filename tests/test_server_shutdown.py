@@ -1,4 +1,4 @@
-"""SIGTERM under load (DESIGN §7): readiness flips first, accepted work completes, new work is refused, exit 0."""
+"""SIGTERM under load: readiness flips first, accepted work completes, new work is refused, exit 0."""
 
 from __future__ import annotations
 

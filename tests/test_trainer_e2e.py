@@ -18,7 +18,7 @@ import torch
 
 from tensorwire.proto import inference_pb2 as pb
 from tensorwire.proto.codec import decode_raw, encode_raw
-from tensorwire.proto.repository import load_model_config
+from tensorwire.repository import load_model_config
 from tensorwire.trainer.artifacts import (
     accuracy,
     load_trained,

@@ -16,7 +16,7 @@ import onnx
 import pytest
 import torch
 
-from tensorwire.proto.repository import available_versions, list_models, load_model_config
+from tensorwire.repository import available_versions, list_models, load_model_config
 from tensorwire.trainer import cli
 from tensorwire.trainer.artifacts import (
     accuracy,

@@ -173,7 +173,7 @@ def _train(config: dict, flags: dict, source: str) -> None:
         )
     base = resolve(PublishOptions, "publish", config, flags, source)[0].name
     if base:  # a bad name must fail now, not after training
-        from tensorwire.proto.repository import RepositoryConfigError, check_model_name
+        from tensorwire.repository import RepositoryConfigError, check_model_name
 
         try:
             check_model_name(base)

@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tensorwire.proto.repository import DEFAULT_FILENAMES, available_versions
+from tensorwire.repository import DEFAULT_FILENAMES, available_versions
 from tensorwire.trainer.config import ExportOptions, FitOptions, PublishOptions, QuantizeOptions
 from tensorwire.trainer.errors import TrainerError
 

@@ -1,4 +1,4 @@
-"""``tensorwire publish``: put an exported model into a model repository (DESIGN §4).
+"""``tensorwire publish``: put an exported model into a model repository.
 
 The model's ``config.toml`` is written (atomically) before its new version
 folder appears; the version folder is assembled under a hidden temporary name
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tensorwire.proto.repository import (
+from tensorwire.repository import (
     DEFAULT_FILENAMES,
     DynamicBatching,
     InstanceGroup,

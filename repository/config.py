@@ -1,6 +1,6 @@
 """The model repository format: the one thing the trainer writes and the server reads.
 
-Layout (DESIGN §4)::
+Layout::
 
     <repo>/<model>/config.toml
     <repo>/<model>/<version>/model.onnx | model.pt
@@ -100,7 +100,7 @@ class VersionPolicy(_Strict):
 
 
 class DynamicBatching(_Strict):
-    """Batching and queueing settings (DESIGN §5)."""
+    """Batching and queueing settings of one model (Triton's ``dynamic_batching``; README, Dynamic batching)."""
 
     enabled: bool = True
     max_queue_delay_us: Annotated[int, Field(ge=0, le=10_000_000)] = 100
