@@ -149,6 +149,9 @@ class ModelConfigFile(_Strict):
     dynamic_batching: DynamicBatching = DynamicBatching()
     instance_group: list[InstanceGroup] = [InstanceGroup()]
     warmup: Literal["auto", "all", "powers_of_two", "none"] = "auto"
+    # The most one batch may run (seconds; 0 = no limit). Past it the batch fails with DEADLINE_EXCEEDED
+    # and its replica is replaced: a hung model must not hold its replica, its queue or a shutdown.
+    execution_timeout_s: Annotated[float, Field(ge=0, le=86_400)] = 60.0
     metadata: dict[str, str] = {}
 
     @field_validator("inputs", "outputs")

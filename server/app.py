@@ -1,9 +1,10 @@
 """Assemble and run the server: gRPC (inference, health, reflection), metrics, signals, drain.
 
-Shutdown: on SIGTERM/SIGINT readiness and health flip to
-NOT_SERVING first; the server keeps serving for ``drain_seconds`` so load
-balancers notice; then new inference is refused with UNAVAILABLE, everything
-accepted is finished (up to ``grace_seconds``), and the process exits 0.
+Shutdown: on SIGTERM/SIGINT, at any moment (the start-up load included), readiness and health flip to
+NOT_SERVING first and no model is loaded any more; the server keeps serving for ``drain_seconds`` so load
+balancers notice; then new inference is refused with UNAVAILABLE, everything accepted is finished (up to
+``grace_seconds``, a hung model included: its replicas are abandoned), and the process exits 0. Loads
+still running in their threads are abandoned too; nothing keeps the process past the grace period.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class ServerSettings:
     drain_seconds: float = 2.0
     grace_seconds: float = 30.0
     poll_seconds: float = 0.0  # 0: explicit model control only
+    strict_readiness: bool = True  # ServerReady needs every model READY (Triton's default)
 
 
 def reflection_pool() -> descriptor_pool.DescriptorPool:
@@ -68,7 +70,9 @@ class InferenceServer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.manager = ModelManager(settings.repo, self.metrics, settings.grace_seconds)
+        self.manager = ModelManager(
+            settings.repo, self.metrics, settings.grace_seconds, strict_readiness=settings.strict_readiness
+        )
         self.health = health.aio.HealthServicer()
         self.servicer = Servicer(self.manager, on_repository_change=self._sync_health)
         self._stopping = asyncio.Event()
@@ -115,7 +119,7 @@ class InferenceServer:
         """Health statuses: '' and the service for the server; each model by name."""
         serving = self.servicer.started and not self.servicer.draining
         status = health_pb2.HealthCheckResponse
-        server_status = status.SERVING if serving else status.NOT_SERVING
+        server_status = status.SERVING if serving and self.manager.models_ready() else status.NOT_SERVING
         loop = asyncio.get_running_loop()
         updates = {"": server_status, SERVICE_NAME: server_status}
         names = {name for name, *_ in self.manager.index(repository_models=False)}
@@ -132,44 +136,56 @@ class InferenceServer:
             await asyncio.sleep(1.0)
 
     async def run(self) -> int:
-        """Serve until a signal; returns the process exit code."""
+        """Serve until a signal; returns the process exit code.
+
+        A signal during the start-up load begins the shutdown at once: the loads still running are
+        rolled back (or abandoned with their threads when they outlast the process)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         if self.settings.metrics_port:
-            start_http_server(
-                self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry
-            )
+            start_http_server(self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry)
         self.manager.announce()
         self._server = self._build()
         await self._server.start()
         log.info(
-            "event=listening grpc=%s:%d metrics_port=%d tls=%s auth=%s",
+            "event=listening grpc=%s:%d metrics_port=%d tls=%s auth=%s strict_readiness=%s",
             self.settings.host,
             self.settings.grpc_port,
             self.settings.metrics_port,
             bool(self.settings.tls_cert),
             bool(self.settings.auth_token),
+            self.settings.strict_readiness,
         )
-        await self.manager.load_all()
-        self.servicer.started = True
-        self._tasks.append(loop.create_task(self._health_loop()))
-        if self.settings.poll_seconds:
-            self._tasks.append(loop.create_task(self.manager.poll(self.settings.poll_seconds)))
-        log.info("event=ready models=%s", [f"{n}:{v}:{s}" for n, v, s, _ in self.manager.index()])
-        await self._stopping.wait()
+        loading = loop.create_task(self.manager.load_all())
+        stopping = loop.create_task(self._stopping.wait())
+        await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not self._stopping.is_set():
+            self.servicer.started = True
+            self._tasks.append(loop.create_task(self._health_loop()))
+            if self.settings.poll_seconds:
+                self._tasks.append(loop.create_task(self.manager.poll(self.settings.poll_seconds)))
+            log.info("event=ready models=%s", [f"{n}:{v}:{s}" for n, v, s, _ in self.manager.index()])
+            await stopping
+        else:
+            log.info("event=stop_during_startup detail='loads still running are rolled back or abandoned'")
+            loading.cancel()
         await self.shutdown()
         return 0
 
     async def shutdown(self) -> None:
+        """Drain window, then finish accepted work within the grace period, then stop gRPC."""
         s = self.settings
+        loop = asyncio.get_running_loop()
         log.info("event=draining drain_seconds=%.1f grace_seconds=%.1f", s.drain_seconds, s.grace_seconds)
         self.servicer.draining = True
+        self.manager.draining = True  # from now on nothing is loaded; loads in flight roll back
         self._sync_health()
         await asyncio.sleep(s.drain_seconds)  # still serving: let load balancers see NOT_SERVING
         for task in self._tasks:
             task.cancel()
+        deadline = loop.time() + s.grace_seconds
         await self.manager.drain_all(s.grace_seconds)
         assert self._server is not None
-        await self._server.stop(grace=1.0)
+        await self._server.stop(grace=max(0.1, min(1.0, deadline - loop.time())))
         log.info("event=stopped")

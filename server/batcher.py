@@ -46,7 +46,6 @@ class InferenceRequest(WorkItem):
         "arrival_ns",
         "state",
         "timer",
-        "dispatch_ns",
     )
 
     def __init__(
@@ -68,7 +67,6 @@ class InferenceRequest(WorkItem):
         self.arrival_ns = time.perf_counter_ns()
         self.state = QUEUED
         self.timer: asyncio.TimerHandle | None = None
-        self.dispatch_ns = 0
 
 
 def shape_key(inputs: dict[str, np.ndarray], batched: bool) -> tuple:
@@ -128,7 +126,18 @@ class DynamicBatcher:
         return min(priority, self.settings.priority_levels) - 1
 
     def submit(self, request: InferenceRequest) -> asyncio.Future:
-        """Admit a request; its future resolves to its encoded outputs or an error."""
+        """Admit a validated request (on the event loop); a future of its outputs.
+
+        ``request.inputs`` hold the served datatypes with the batch dimension first for batched models
+        (``request.rows`` rows, at most max_batch_size), ``request.deadline`` is event-loop time in
+        seconds (or None) and ``request.priority`` a queue index. The future resolves to one
+        ``(name, datatype, shape, raw bytes)`` tuple per requested output (the request's own rows only) or
+        fails with a ServingError: DeadlineExceededError (deadline passed, queued or running, or the
+        model's execution timeout), InvalidRequestError (the runtime rejected the data), BackendError
+        (the model failed), ModelUnavailableError (unloaded past its grace period).
+        Raises at once: ModelUnavailableError while unloading or draining, QueueFullError beyond
+        max_queue_size (with a retry hint in ms).
+        """
         if not self._accepting:
             raise ModelUnavailableError(f"model {self.label} is unloading or the server is draining; retry elsewhere")
         if self._queued >= self.settings.max_queue_size:
@@ -271,7 +280,6 @@ class DynamicBatcher:
         now = time.perf_counter_ns()
         for request in batch:
             request.state = RUNNING
-            request.dispatch_ns = now
             self.stats.record_queue(now - request.arrival_ns)
         self._queued -= len(batch)
         self._running += len(batch)
@@ -282,7 +290,8 @@ class DynamicBatcher:
     def _on_done(
         self, replica: Replica, batch: list[InferenceRequest], rows: int, reason: str, outcome: BatchOutcome
     ) -> None:
-        self._idle.append(replica)
+        if replica.alive and replica in self._replicas:  # a lost replica never runs another batch
+            self._idle.append(replica)
         self._running -= len(batch)
         t = outcome.timings
         self.stats.record_batch(rows, len(batch), t.input_ns, t.infer_ns, t.output_ns, t.executions, reason)
@@ -295,7 +304,8 @@ class DynamicBatcher:
                 continue  # cancelled or expired while running: already answered
             request.state = DONE
             if isinstance(result, Exception):
-                self.stats.record_failure(now - request.arrival_ns, "backend")
+                if getattr(result, "status", "INTERNAL") in ("INTERNAL", "DEADLINE_EXCEEDED"):
+                    self.stats.record_failure(now - request.arrival_ns, "backend")  # others: by the caller
                 request.future.set_exception(result)
             else:
                 request.future.set_result(result)
@@ -311,20 +321,33 @@ class DynamicBatcher:
     def stop_accepting(self) -> None:
         self._accepting = False
 
+    def replace_replica(self, old: Replica, new: Replica) -> None:
+        """Put ``new`` in the place of a lost replica and give it queued work."""
+        self._replicas = [new if replica is old else replica for replica in self._replicas]
+        if old in self._idle:
+            self._idle.remove(old)
+        self._idle.append(new)
+        self._schedule()
+
     async def drain(self) -> None:
         """Stop taking requests and wait until everything accepted has been answered."""
         self._accepting = False
         self._schedule()
         await self._idle_event.wait()
 
-    def close(self) -> None:
-        """Fail anything still queued (used only when a drain timed out)."""
+    def close(self, why: str = "") -> None:
+        """Fail anything still queued and dispatch nothing more (used only when a drain timed out)."""
+        self._accepting = False
+        self._idle.clear()
+        why = why or f"model {self.label} was unloaded"
         for queue in self._queues:
             for request in queue:
                 if request.state == QUEUED:
                     self._leave_queue(request, CANCELLED)
                     if request.future is not None and not request.future.done():
-                        request.future.set_exception(ModelUnavailableError(f"model {self.label} was unloaded"))
+                        request.future.set_exception(
+                            ModelUnavailableError(f"{why} before this request ran (grace period over)")
+                        )
             queue.clear()
         if self._delay_timer is not None:
             self._delay_timer.cancel()

@@ -27,12 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="model repository folder: <repo>/<model>/config.toml and <repo>/<model>/<version>/",
     )
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (127.0.0.1 for local only)")
-    parser.add_argument(
-        "--grpc-port", type=int, default=8001, help="gRPC port (inference, health, reflection)"
-    )
-    parser.add_argument(
-        "--metrics-port", type=int, default=8002, help="Prometheus /metrics HTTP port; 0 disables"
-    )
+    parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (inference, health, reflection)")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics HTTP port; 0 disables")
     parser.add_argument(
         "--max-message-bytes",
         type=int,
@@ -72,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="reload models whose files changed every SECONDS (0: only on RepositoryModelLoad)",
     )
     parser.add_argument(
+        "--strict-readiness",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ServerReady (and health '') only when every model in the repository is READY, as Triton's "
+        "default; --no-strict-readiness: ready once the server is up, whatever the models' states",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -105,6 +108,7 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         drain_seconds=args.drain_seconds,
         grace_seconds=args.grace_seconds,
         poll_seconds=args.poll,
+        strict_readiness=args.strict_readiness,
     )
 
 
@@ -116,4 +120,10 @@ def main(argv: list[str]) -> int:
         format="ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
     )
     settings = settings_from(args)
-    return asyncio.run(InferenceServer(settings).run())
+    code = asyncio.run(InferenceServer(settings).run())
+    # A model stuck in native code leaves its (daemon) thread behind; end the process now rather than let
+    # interpreter shutdown wait on or trip over it.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,16 +1,38 @@
 """Core errors of the server, free of gRPC: the servicer maps each to a status
 (the table in README, Errors).
 
-Messages are written for the caller: they say what was wrong and what to send instead.
+Messages are written for the caller: they say what was wrong and what to send instead. They never carry
+the repository's absolute path (``ModelManager`` names files relative to the repository) and never echo
+client-supplied text unbounded (``echo``); a message is capped at ``MAX_MESSAGE_CHARS`` as a last guard,
+since gRPC carries it in a trailer that clients refuse beyond 8 KiB.
 """
 
 from __future__ import annotations
+
+#: The longest message a client receives (characters; gRPC's default trailer limit is 8 KiB).
+MAX_MESSAGE_CHARS = 1000
+#: The most characters of a client-supplied value (a model name, a version) echoed back.
+MAX_ECHO_CHARS = 64
+
+
+def echo(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """``value`` quoted for a message (ASCII-escaped like ``ascii()``), cut to ``limit`` characters
+    with a note of its full length when longer."""
+    text = str(value)
+    if len(text) <= limit:
+        return ascii(text)
+    return f"{ascii(text[:limit])}... ({len(text)} characters)"
 
 
 class ServingError(Exception):
     """Base class; ``status`` names the gRPC status code the servicer returns."""
 
     status = "INTERNAL"
+
+    def __init__(self, message: str = "", *args: object) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[: MAX_MESSAGE_CHARS - 20] + " ... (message cut)"
+        super().__init__(message, *args)
 
 
 class ModelNotFoundError(ServingError):
@@ -24,6 +46,8 @@ class ModelUnavailableError(ServingError):
 
 
 class InvalidRequestError(ServingError):
+    """The request is malformed, or its data was rejected by the model's runtime (INVALID_ARGUMENT)."""
+
     status = "INVALID_ARGUMENT"
 
 
@@ -41,8 +65,15 @@ class DeadlineExceededError(ServingError):
     status = "DEADLINE_EXCEEDED"
 
 
+class ExecutionTimeoutError(DeadlineExceededError):
+    """A batch ran past its model's ``execution_timeout_s``; the replica that ran it is replaced."""
+
+
 class BackendError(ServingError):
-    """The model raised while running; the traceback goes to the log, not the caller."""
+    """The model raised, crashed or returned outputs that break its signature while running.
+
+    The message names the model (and, for a broken output, the tensor and what was expected); a traceback
+    goes to the log, never to the caller."""
 
     status = "INTERNAL"
 

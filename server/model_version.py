@@ -1,7 +1,8 @@
-"""One loaded model version: its replicas, its batcher, its statistics, its state.
+"""One loaded model version: its replicas, its batcher, its statistics, its replica liveness.
 
-Loading happens off the event loop (backends load in threads); the version
-becomes READY only after every replica has run the batch sizes it will see.
+Loading happens off the event loop (backends load in daemon threads); the version is handed to the
+manager, which marks it READY, only after every replica has run the batch sizes it will see. Its
+lifecycle state lives in the manager's record of the version; this object holds what serves.
 """
 
 from __future__ import annotations
@@ -17,16 +18,18 @@ import numpy as np
 
 from tensorwire.proto.codec import NUMPY_DTYPES
 from tensorwire.repository import ModelConfigFile
-from tensorwire.server.backends import Placement
+from tensorwire.server.backends import Placement, create_backend
 from tensorwire.server.batcher import DynamicBatcher, InferenceRequest
-from tensorwire.server.errors import ModelLoadError
-from tensorwire.server.replicas import EncodedTensor, Executor, Replica, load_backends
+from tensorwire.server.blocking import run_blocking
+from tensorwire.server.errors import ModelLoadError, ModelUnavailableError
+from tensorwire.server.replicas import EncodedTensor, Executor, Replica, WorkItem, load_backends
 from tensorwire.server.signature import Signature, resolve_signature
 from tensorwire.server.stats import Metrics, ModelVersionStats
 
 log = logging.getLogger("tensorwire.model")
 
-LOADING, READY, UNLOADING, UNAVAILABLE = "LOADING", "READY", "UNLOADING", "UNAVAILABLE"
+#: How long a replica's thread may take to finish after ``stop`` when time is left in a grace period (s).
+MIN_CLOSE_S = 0.2
 
 
 def cpu_cores() -> int:
@@ -117,16 +120,29 @@ class LoadedParts:
     placements: list[Placement]
     seconds: float
 
+    def close(self) -> None:
+        """Release every backend (a load that was rolled back)."""
+        for executor in self.executors:
+            executor.backend.close()
+
+
+def _bind(backend, signature: Signature) -> None:
+    bind = getattr(backend, "bind", None)
+    if bind is not None:
+        bind([t.name for t in signature.inputs], signature.output_names)
+
 
 def load_parts(name: str, version: int, model_dir: Path, config: ModelConfigFile) -> LoadedParts:
-    """Load, check and warm every replica's backend (blocking; runs in a thread)."""
+    """Load, check and warm every replica's backend (blocking; runs in a thread).
+
+    Raises ModelLoadError with the reason: a missing or unloadable file, a signature conflict, a leading
+    dimension that cannot be a batch dimension, or a warm-up run that failed.
+    """
     started = time.monotonic()
     label = f"{name}:{version}"
     path = model_dir / str(version) / config.model_filename
     if not path.is_file():
-        raise ModelLoadError(
-            f"{path} is missing; version {version} of {name} needs a {config.model_filename}"
-        )
+        raise ModelLoadError(f"{path} is missing; version {version} of {name} needs a {config.model_filename}")
     placements = placements_for(config, cpu_cores(), visible_gpus())
     try:
         backends = load_backends(config.backend, path, placements)
@@ -138,9 +154,7 @@ def load_parts(name: str, version: int, model_dir: Path, config: ModelConfigFile
         first = backends[0]
         signature = resolve_signature(config, first.inputs, first.outputs)
         for backend in backends:
-            bind = getattr(backend, "bind", None)
-            if bind is not None:
-                bind([t.name for t in signature.inputs], signature.output_names)
+            _bind(backend, signature)
         executors = [Executor(backend, signature, label) for backend in backends]
         _warm_up(executors, signature, warmup_sizes(config), label)
     except BaseException:
@@ -150,24 +164,37 @@ def load_parts(name: str, version: int, model_dir: Path, config: ModelConfigFile
     return LoadedParts(signature, executors, placements, time.monotonic() - started)
 
 
-def _warm_up(executors: list[Executor], signature: Signature, sizes: list[int], label: str) -> None:
-    from tensorwire.server.replicas import WorkItem
+def build_executor(
+    label: str, path: Path, config: ModelConfigFile, signature: Signature, placement: Placement
+) -> Executor:
+    """A fresh, warmed backend for one replica (blocking): the replacement of a lost replica."""
+    backend = create_backend(config.backend, path, placement)
+    try:
+        _bind(backend, signature)
+        executor = Executor(backend, signature, label)
+        _warm_up([executor], signature, warmup_sizes(config), label)
+    except BaseException:
+        backend.close()
+        raise
+    return executor
 
+
+def _warm_up(executors: list[Executor], signature: Signature, sizes: list[int], label: str) -> None:
+    """Run each batch size on every replica; a failure is the load's failure, with the model's reason."""
     for size in sizes:
         item = WorkItem(synthetic_inputs(signature, size), size, signature.output_names)
         for executor in executors:
-            outcome = executor.execute([item])
-            if isinstance(outcome.results[0], Exception):
-                log.warning(
-                    "event=warmup_failed model=%s batch=%d detail='model fails on zeros; serving anyway'",
-                    label,
-                    size,
+            result = executor.execute([item]).results[0]
+            if isinstance(result, Exception):
+                cause = result.__cause__ or result
+                raise ModelLoadError(
+                    f"warm-up failed: model {label} fails on zeros at batch size {size}: {cause}; "
+                    'fix the model or set warmup = "none" in config.toml'
                 )
-                return
 
 
 class ModelVersion:
-    """A servable version: replicas + batcher + stats, with an explicit lifecycle state."""
+    """A servable version: replicas + batcher + stats; replaces replicas it loses; retires once."""
 
     def __init__(
         self,
@@ -177,24 +204,45 @@ class ModelVersion:
         parts: LoadedParts,
         metrics: Metrics,
         loop: asyncio.AbstractEventLoop,
+        path: Path | None = None,
     ) -> None:
         self.name, self.version, self.config = name, version, config
         self.signature = parts.signature
         self.label = f"{name}:{version}"
         self.loop = loop
+        self.path = path
+        self._timeout_s = config.execution_timeout_s
         self.replicas = [
-            Replica(i, executor, placement, loop)
+            Replica(i, executor, placement, loop, self._timeout_s, self._on_replica_lost)
             for i, (executor, placement) in enumerate(zip(parts.executors, parts.placements, strict=True))
         ]
         self.stats = ModelVersionStats(metrics, name, version)
         self.batcher = DynamicBatcher(
             self.label, config.max_batch_size, config.dynamic_batching, self.replicas, self.stats, loop
         )
-        self.state = READY
+        self.retiring = False
+        self.replacement_error = ""
+        self._retire_task: asyncio.Task | None = None
+        self._replacing: set[asyncio.Task] = set()
         # ONNX Runtime string tensors hold text: BYTES inputs must be UTF-8, checked per request.
         self.utf8_inputs = frozenset(
             t.name for t in self.signature.inputs if t.datatype == "BYTES" and config.backend == "onnxruntime"
         )
+
+    # ------------------------------------------------------------ serving
+
+    @property
+    def live(self) -> bool:
+        """Whether at least one replica can run work (false while every replica is being replaced)."""
+        return any(replica.alive for replica in self.replicas)
+
+    def liveness_reason(self) -> str:
+        """Why no replica is live ('' when one is)."""
+        if self.live:
+            return ""
+        lost = "; ".join(sorted({r.lost_reason for r in self.replicas if r.lost_reason}))
+        note = f"; the last replacement attempt failed: {self.replacement_error}" if self.replacement_error else ""
+        return f"no live replica ({lost}){note}"
 
     async def infer(self, request: InferenceRequest) -> list[EncodedTensor]:
         """Queue a request and wait for its outputs; a cancelled wait removes it from the queue."""
@@ -205,17 +253,91 @@ class ModelVersion:
             self.batcher.cancel(request)
             raise
 
-    async def retire(self, grace_seconds: float) -> None:
-        """Finish accepted work (up to the grace period), then release the replicas."""
-        self.state = UNLOADING
+    # -------------------------------------------------------- replacement
+
+    def _on_replica_lost(self, replica: Replica) -> None:
+        if self.retiring or self.path is None:
+            return
+        task = self.loop.create_task(self._replace(replica))
+        self._replacing.add(task)
+        task.add_done_callback(self._replacing.discard)
+
+    async def _replace(self, old: Replica) -> None:
+        """Build a new replica in the lost one's place, retrying with back-off until it works or we retire."""
+        delay_s = 0.5
+        assert self.path is not None
+        while not self.retiring:
+            try:
+                executor = await run_blocking(
+                    build_executor,
+                    self.label,
+                    self.path,
+                    self.config,
+                    self.signature,
+                    old.placement,
+                    name=f"replace-{self.label}-{old.index}",
+                    on_orphan=lambda e: e.backend.close(),
+                )
+            except Exception as err:  # noqa: BLE001 - shown in RepositoryIndex, retried
+                self.replacement_error = f"{type(err).__name__}: {err}"
+                log.error("event=replica_replace_failed model=%s replica=%d error=%r", self.label, old.index, str(err))
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 30.0)
+                continue
+            if self.retiring:
+                run_blocking(executor.backend.close, name=f"close-{self.label}")
+                return
+            new = Replica(old.index, executor, old.placement, self.loop, self._timeout_s, self._on_replica_lost)
+            self.replicas[self.replicas.index(old)] = new
+            self.replacement_error = ""
+            self.batcher.replace_replica(old, new)
+            log.info("event=replica_replaced model=%s replica=%d", self.label, old.index)
+            return
+
+    # ----------------------------------------------------------- retiring
+
+    def retire(self, grace_s: float, why: str = "unloaded") -> asyncio.Task:
+        """Stop taking work, finish what was accepted (up to ``grace_s`` seconds), then release the replicas.
+
+        Idempotent: every caller (an unload, a reload's swap, the shutdown) gets the same task, so replicas
+        are closed once. Within the grace period: queued and running requests are answered; past it they get
+        UNAVAILABLE, and a replica whose thread is stuck in the model is abandoned (a Python model's
+        process is killed), so retiring never takes much longer than ``grace_s``.
+        """
+        if self._retire_task is None:
+            self._retire_task = self.loop.create_task(self._retire(grace_s, why))
+        return self._retire_task
+
+    async def _retire(self, grace_s: float, why: str) -> None:
+        deadline = self.loop.time() + grace_s
+        self.retiring = True
+        for task in list(self._replacing):
+            task.cancel()
         try:
-            await asyncio.wait_for(self.batcher.drain(), grace_seconds)
+            await asyncio.wait_for(self.batcher.drain(), grace_s)
         except TimeoutError:
             log.warning("event=drain_timeout model=%s pending=%d", self.label, self.batcher.in_flight)
-            self.batcher.close()
-        await asyncio.to_thread(self._close_replicas)
-        self.state = UNAVAILABLE
-
-    def _close_replicas(self) -> None:
-        for replica in self.replicas:
-            replica.close()
+            self.batcher.close(f"model {self.label} was {why}")
+            for replica in self.replicas:
+                replica.fail_running(
+                    lambda: ModelUnavailableError(
+                        f"model {self.label} was {why} before this request finished (grace period over)"
+                    )
+                )
+        live = [replica for replica in self.replicas if replica.alive]
+        for replica in live:
+            replica.stop()
+        close_s = max(deadline - self.loop.time(), MIN_CLOSE_S)
+        stopped = await asyncio.gather(*(replica.wait_stopped(close_s) for replica in live))
+        stuck = [replica for replica, done in zip(live, stopped, strict=True) if not done]
+        for replica in stuck:
+            replica.abort()
+        if stuck:
+            stopped = await asyncio.gather(*(replica.wait_stopped(MIN_CLOSE_S) for replica in stuck))
+            for replica, done in zip(stuck, stopped, strict=True):
+                if not done:
+                    log.warning(
+                        "event=replica_abandoned model=%s replica=%d detail='model still running; thread left behind'",
+                        self.label,
+                        replica.index,
+                    )

@@ -1,9 +1,14 @@
 """Replicas: each owns one backend session and one worker thread.
 
-The event loop hands a replica a whole batch; the replica's thread does the
-expensive part (concatenate inputs, run the model, split and encode outputs)
-and reports back to the loop once per batch. The loop never runs model code
-or big copies.
+The event loop hands a replica a whole batch; the replica's thread does the expensive part (concatenate
+inputs, run the model, check, split and encode outputs) and reports back to the loop once per batch. The
+loop never runs model code or big copies.
+
+Liveness: nothing a model does ends a replica's thread silently. Every exception (``SystemExit`` and
+other ``BaseException`` included) becomes that batch's failure. A batch that runs past the model's
+execution timeout is failed from the event loop; the replica is then marked lost (``alive`` false), its
+thread abandoned (a native call cannot be interrupted; a Python model's process is killed), and its
+owner builds a replacement (``on_lost``).
 """
 
 from __future__ import annotations
@@ -13,16 +18,16 @@ import logging
 import queue
 import threading
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from tensorwire.proto.codec import encode_raw
+from tensorwire.proto.codec import NUMPY_DTYPES, CodecError, encode_raw
 from tensorwire.server.backends import Backend, Placement, create_backend
-from tensorwire.server.errors import BackendError
+from tensorwire.server.backends.base import BackendCrashed, RequestDataError
+from tensorwire.server.errors import BackendError, ExecutionTimeoutError, InvalidRequestError, ServingError
 from tensorwire.server.signature import Signature
 
 log = logging.getLogger("tensorwire.replica")
@@ -52,8 +57,14 @@ class WorkItem:
 
 @dataclass
 class BatchOutcome:
+    """One result per work item, in order: its encoded outputs or the error to answer it with."""
+
     results: list[list[EncodedTensor] | Exception]
     timings: BatchTimings = field(default_factory=BatchTimings)
+
+
+class ModelOutputError(BackendError):
+    """The model returned an output that breaks its served signature (missing, wrong shape or datatype)."""
 
 
 def _concatenate(items: Sequence[WorkItem], names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -62,8 +73,20 @@ def _concatenate(items: Sequence[WorkItem], names: Sequence[str]) -> dict[str, n
     return {name: np.concatenate([item.inputs[name] for item in items]) for name in names}
 
 
+def _datatype_fits(dtype: np.dtype, datatype: str) -> bool:
+    """Whether an output array of ``dtype`` can be sent as ``datatype`` (values are checked on encode)."""
+    if datatype == "BYTES":
+        return dtype.kind in "OSU"
+    if datatype == "BF16":
+        return dtype.kind == "f" or dtype == np.dtype("<u2") or dtype.name == "bfloat16"
+    target = NUMPY_DTYPES[datatype]
+    if dtype.kind not in "biuf":
+        return False
+    return not (dtype.kind == "f" and target.kind in "iub")
+
+
 class Executor:
-    """Runs batches on one backend: concatenate, run, split, encode; isolates failures."""
+    """Runs batches on one backend: concatenate, run, check, split, encode; isolates failures."""
 
     def __init__(self, backend: Backend, signature: Signature, label: str) -> None:
         self.backend = backend
@@ -74,22 +97,32 @@ class Executor:
         self._datatypes = {t.name: t.datatype for t in signature.outputs}
 
     def execute(self, items: Sequence[WorkItem]) -> BatchOutcome:
+        """Run one batch and answer each item with its own rows of each output it asked for.
+
+        Each item's inputs have the served datatypes and shapes (batch dimension first when the model is
+        served with ``max_batch_size > 0``, ``item.rows`` rows); they are concatenated along that dimension.
+        The outputs are checked against the served signature (datatype, and shape with the batch's total
+        rows first). If the run or that check fails on a batch of several items, each item is rerun alone
+        so that only the culprit fails. Splitting and encoding are done per item, so one item's unencodable
+        output (an INT32 output holding 2**40) fails only that item. Never raises: each failure is the
+        item's result (``InvalidRequestError`` when the runtime rejected the data, ``BackendError``
+        otherwise). Times are nanoseconds.
+        """
         timings = BatchTimings()
         t0 = time.perf_counter_ns()
-        feeds = _concatenate(items, self._input_names)
-        t1 = time.perf_counter_ns()
+        rows = sum(item.rows for item in items)
         try:
+            feeds = _concatenate(items, self._input_names)
+            t1 = time.perf_counter_ns()
             outputs = self.backend.run(feeds, self._output_names)
-            self._check_rows(outputs, sum(item.rows for item in items))
-        except Exception as err:  # noqa: BLE001 - any model failure is isolated, not fatal
-            timings.input_ns, timings.infer_ns = t1 - t0, time.perf_counter_ns() - t1
+            self._check_outputs(outputs, rows)
+        except BaseException as err:  # noqa: BLE001 - any model failure is isolated, never fatal
+            timings.infer_ns = time.perf_counter_ns() - t0
             timings.executions = 1
             if len(items) == 1:
                 return BatchOutcome([self._failure(err)], timings)
             # One request may have poisoned the batch: rerun each alone so only it fails.
-            log.warning(
-                "event=batch_failed model=%s size=%d action=retry_individually", self.label, len(items)
-            )
+            log.warning("event=batch_failed model=%s size=%d action=retry_individually", self.label, len(items))
             outcome = BatchOutcome([], timings)
             for item in items:
                 single = self.execute([item])
@@ -102,87 +135,214 @@ class Executor:
         t2 = time.perf_counter_ns()
         results: list[list[EncodedTensor] | Exception] = []
         start = 0
+        split = self.signature.batched and len(items) > 1
         for item in items:
             stop = start + item.rows
-            encoded = []
-            for name in item.outputs:
-                array = outputs[name]
-                if self.signature.batched and len(items) > 1:
-                    array = array[start:stop]
-                datatype, shape, raw = encode_raw(array, self._datatypes[name])
-                encoded.append((name, datatype, shape, raw))
-            results.append(encoded)
+            try:
+                results.append(self._encode(outputs, item, start, stop, split))
+            except BaseException as err:  # noqa: BLE001 - fails this item only
+                results.append(self._failure(err))
             start = stop
         t3 = time.perf_counter_ns()
-        timings.input_ns, timings.infer_ns, timings.output_ns, timings.executions = (
-            t1 - t0,
-            t2 - t1,
-            t3 - t2,
-            1,
-        )
+        timings.input_ns, timings.infer_ns, timings.output_ns, timings.executions = t1 - t0, t2 - t1, t3 - t2, 1
         return BatchOutcome(results, timings)
 
-    def _check_rows(self, outputs: dict[str, np.ndarray], rows: int) -> None:
-        if not self.signature.batched:
-            return
-        for name, array in outputs.items():
-            if array.ndim == 0 or array.shape[0] != rows:
-                raise RuntimeError(
-                    f"output {name!r} has shape {list(array.shape)} for a batch of {rows} rows"
+    def _encode(
+        self, outputs: dict[str, np.ndarray], item: WorkItem, start: int, stop: int, split: bool
+    ) -> list[EncodedTensor]:
+        encoded = []
+        for name in item.outputs:
+            array = outputs[name][start:stop] if split else outputs[name]
+            try:
+                datatype, shape, raw = encode_raw(array, self._datatypes[name])
+            except CodecError as err:
+                raise ModelOutputError(
+                    f"model {self.label} returned output {name!r} that cannot be sent as {self._datatypes[name]}: {err}"
+                ) from None
+            encoded.append((name, datatype, shape, raw))
+        return encoded
+
+    def _check_outputs(self, outputs: dict[str, np.ndarray], rows: int) -> None:
+        """Every output exists, fits its datatype and has the served shape (``rows`` first when batched)."""
+        sig = self.signature
+        for tensor in sig.outputs:
+            array = outputs.get(tensor.name)
+            if not isinstance(array, np.ndarray):
+                raise ModelOutputError(f"model {self.label} returned no array for output {tensor.name!r}")
+            expected = ([rows] if sig.batched else []) + list(tensor.dims)
+            shape = list(array.shape)
+            if len(shape) != len(expected) or any(e not in (-1, s) for e, s in zip(expected, shape, strict=True)):
+                raise ModelOutputError(
+                    f"model {self.label} returned output {tensor.name!r} with shape {shape} for a batch of "
+                    f"{rows} rows; its signature says {sig.served_shape(tensor)}"
+                )
+            if not _datatype_fits(array.dtype, tensor.datatype):
+                raise ModelOutputError(
+                    f"model {self.label} returned output {tensor.name!r} as {array.dtype}; its signature "
+                    f"says {tensor.datatype}"
                 )
 
-    def _failure(self, err: Exception) -> BackendError:
-        log.error("event=backend_error model=%s error=%r\n%s", self.label, err, traceback.format_exc())
-        return BackendError(f"model {self.label} failed while running this request: {type(err).__name__}")
+    def _failure(self, err: BaseException) -> ServingError:
+        """The error a request gets for ``err``; the log gets the details."""
+        if isinstance(err, RequestDataError):
+            log.info("event=request_data_rejected model=%s error=%r", self.label, str(err))
+            return InvalidRequestError(f"model {self.label} rejected the request's data: {err}")
+        if isinstance(err, ServingError):
+            log.error("event=backend_error model=%s error=%r", self.label, str(err))
+            return err
+        if isinstance(err, BackendCrashed):
+            log.error("event=backend_crashed model=%s error=%r", self.label, str(err))
+            error = BackendError(f"model {self.label} failed while running this request: {err}")
+        else:
+            log.error("event=backend_error model=%s error=%r", self.label, err, exc_info=err)
+            error = BackendError(f"model {self.label} failed while running this request: {type(err).__name__}")
+        error.__cause__ = err
+        return error
 
 
 Callback = Callable[["Replica", BatchOutcome], None]
 
 
 class Replica:
-    """One backend session on one device, driven by its own thread."""
+    """One backend session on one device, driven by its own daemon thread, watched from the event loop."""
 
     def __init__(
-        self, index: int, executor: Executor, placement: Placement, loop: asyncio.AbstractEventLoop
+        self,
+        index: int,
+        executor: Executor,
+        placement: Placement,
+        loop: asyncio.AbstractEventLoop,
+        execution_timeout_s: float = 0.0,
+        on_lost: Callable[[Replica], None] | None = None,
     ) -> None:
         self.index = index
         self.executor = executor
         self.placement = placement
         self.device = executor.backend.device
+        self.alive = True  # false once lost (timed out); a lost replica never gets another batch
+        self.lost_reason = ""
         self._loop = loop
+        self._timeout_s = execution_timeout_s
+        self._on_lost = on_lost
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.busy_ns = 0
-        self._thread = threading.Thread(
-            target=self._work, name=f"replica-{executor.label}-{index}", daemon=True
-        )
+        self._current: tuple[object, Sequence[WorkItem], Callback] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._stopping = False
+        self._stopped: asyncio.Future = loop.create_future()
+        self._thread = threading.Thread(target=self._work, name=f"replica-{executor.label}-{index}", daemon=True)
         self._thread.start()
 
+    @property
+    def busy(self) -> bool:
+        return self._current is not None
+
     def submit(self, items: Sequence[WorkItem], done: Callback) -> None:
-        """Queue a batch; ``done(replica, outcome)`` runs on the event loop afterwards."""
-        self._jobs.put((items, done))
+        """Queue a batch (on the event loop); ``done(replica, outcome)`` runs on the loop exactly once,
+        when the batch finishes or when it runs past the execution timeout, whichever is first."""
+        token = object()
+        self._current = (token, items, done)
+        if self._timeout_s > 0:
+            self._timer = self._loop.call_later(self._timeout_s, self._on_timeout, token)
+        self._jobs.put((token, items))
 
     def _work(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
                 break
-            items, done = job
-            started = time.perf_counter_ns()
+            token, items = job
             try:
                 outcome = self.executor.execute(items)
-            except Exception as err:  # noqa: BLE001 - never let a worker thread die
+            except BaseException as err:  # noqa: BLE001 - never let a worker thread die
                 outcome = BatchOutcome([self.executor._failure(err) for _ in items])
-            self.busy_ns += time.perf_counter_ns() - started
             try:
-                self._loop.call_soon_threadsafe(done, self, outcome)
+                self._loop.call_soon_threadsafe(self._finish, token, outcome)
             except RuntimeError:  # loop closed during shutdown
                 break
+        try:
+            self.executor.backend.close()
+        except BaseException:  # noqa: BLE001
+            log.exception("event=backend_close_failed model=%s replica=%d", self.executor.label, self.index)
+        try:
+            self._loop.call_soon_threadsafe(self._mark_stopped)
+        except RuntimeError:
+            pass
 
-    def close(self) -> None:
-        """Stop the thread after any queued batch, then release the backend."""
-        self._jobs.put(None)
-        self._thread.join(timeout=60)
-        self.executor.backend.close()
+    def _mark_stopped(self) -> None:
+        if not self._stopped.done():
+            self._stopped.set_result(None)
+
+    def _finish(self, token: object, outcome: BatchOutcome) -> None:
+        current = self._current
+        if current is None or current[0] is not token:
+            return  # already answered by the timeout
+        self._current = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        current[2](self, outcome)
+
+    def _on_timeout(self, token: object) -> None:
+        current = self._current
+        if current is None or current[0] is not token:
+            return
+        self._current, self._timer = None, None
+        _, items, done = current
+        self.alive = False
+        self.lost_reason = (
+            f"replica {self.index} ran a batch past execution_timeout_s ({self._timeout_s:g} s) and is being replaced"
+        )
+        log.error(
+            "event=execution_timeout model=%s replica=%d timeout_s=%g batch=%d action=replace",
+            self.executor.label,
+            self.index,
+            self._timeout_s,
+            len(items),
+        )
+        message = (
+            f"model {self.executor.label} did not finish this request within its execution_timeout_s "
+            f"({self._timeout_s:g} s); the replica that ran it is being replaced"
+        )
+        done(self, BatchOutcome([ExecutionTimeoutError(message) for _ in items]))
+        self.abort()
+        self.stop()  # the thread ends (and closes its backend) if the stuck call ever returns
+        if self._on_lost is not None:
+            self._on_lost(self)
+
+    def fail_running(self, make_error: Callable[[], Exception]) -> None:
+        """Answer the batch in progress now with ``make_error()`` (shutdown past its grace period)."""
+        current = self._current
+        if current is None:
+            return
+        self._current = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        _, items, done = current
+        done(self, BatchOutcome([make_error() for _ in items]))
+
+    def abort(self) -> None:
+        """Interrupt a run where the backend can (a Python model's process is killed); else nothing."""
+        abort = getattr(self.executor.backend, "abort", None)
+        if abort is not None:
+            try:
+                abort()
+            except Exception:  # noqa: BLE001
+                log.exception("event=abort_failed model=%s replica=%d", self.executor.label, self.index)
+
+    def stop(self) -> None:
+        """Let the thread end after the batch in progress; it then closes the backend."""
+        if not self._stopping:
+            self._stopping = True
+            self._jobs.put(None)
+
+    async def wait_stopped(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the thread to end (after ``stop``); whether it did."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self._stopped), max(timeout_s, 0.0))
+        except TimeoutError:
+            return False
+        return True
 
 
 def load_backends(kind: str, path: Path, placements: Sequence[Placement]) -> list[Backend]:
@@ -195,7 +355,7 @@ def load_backends(kind: str, path: Path, placements: Sequence[Placement]) -> lis
         except BaseException as err:  # noqa: BLE001 - reported below
             backends[i] = err
 
-    threads = [threading.Thread(target=load, args=(i,)) for i in range(len(placements))]
+    threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(len(placements))]
     for thread in threads:
         thread.start()
     for thread in threads:

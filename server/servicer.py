@@ -86,7 +86,9 @@ class Servicer:
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.started and not self.draining)
+        # Strict readiness (the default) also needs every model READY: ModelManager.models_ready.
+        ready = self.started and not self.draining and self.manager.models_ready()
+        return pb.ServerReadyResponse(ready=ready)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
         try:

@@ -8,11 +8,16 @@ request can never fail the batch it would have joined.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+from tensorwire.proto.codec import NUMPY_DTYPES
 from tensorwire.repository import ModelConfigFile, TensorSpec
 from tensorwire.server.backends.base import TensorInfo
 from tensorwire.server.errors import InvalidRequestError, ModelLoadError
+
+#: numpy refuses arrays whose byte size (counting zero-sized dimensions as 1) reaches 2**63.
+_MAX_ARRAY_BYTES = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -58,12 +63,22 @@ def _from_spec(spec: TensorSpec) -> TensorSig:
     return TensorSig(spec.name, spec.datatype, tuple(spec.dims))
 
 
-def _from_model(info: TensorInfo, batched: bool, what: str) -> TensorSig:
+def _from_model(info: TensorInfo, max_batch_size: int, what: str) -> TensorSig:
+    """The served signature of a model-file tensor; refuses a leading dimension that cannot hold a batch.
+
+    With ``max_batch_size > 0`` the model file's first dimension is the batch dimension: it must be
+    variable (-1), or fixed at 1 when ``max_batch_size`` is 1 (ONNX Runtime would reject any other batch).
+    """
     shape = info.shape
-    if batched:
+    if max_batch_size > 0:
         if not shape:
+            raise ModelLoadError(f"{what} {info.name!r} has no dimensions, but max_batch_size > 0 needs a batch one")
+        if shape[0] != -1 and not (shape[0] == 1 and max_batch_size == 1):
             raise ModelLoadError(
-                f"{what} {info.name!r} has no dimensions, but max_batch_size > 0 needs a batch one"
+                f"{what} {info.name!r} has its first dimension fixed at {shape[0]} in the model file, so it "
+                f"cannot be a batch dimension for max_batch_size {max_batch_size}; refused. Export the model "
+                f"with a variable batch dimension, or set max_batch_size = 0 (whole tensors of shape "
+                f"{list(shape)}){' or 1' if shape[0] == 1 else ''}"
             )
         shape = shape[1:]
     return TensorSig(info.name, info.datatype, tuple(shape))
@@ -76,13 +91,9 @@ def _check(config_sigs: list[TensorSig], model_sigs: list[TensorSig] | None, wha
     for sig in config_sigs:
         found = by_name.get(sig.name)
         if found is None:
-            raise ModelLoadError(
-                f"config {what} {sig.name!r} is not in the model; the model has {sorted(by_name)}"
-            )
+            raise ModelLoadError(f"config {what} {sig.name!r} is not in the model; the model has {sorted(by_name)}")
         if found.datatype != sig.datatype:
-            raise ModelLoadError(
-                f"config {what} {sig.name!r} says {sig.datatype}, the model says {found.datatype}"
-            )
+            raise ModelLoadError(f"config {what} {sig.name!r} says {sig.datatype}, the model says {found.datatype}")
         compatible = len(found.dims) == len(sig.dims) and all(
             m == -1 or c == m for c, m in zip(sig.dims, found.dims, strict=True)
         )
@@ -94,46 +105,44 @@ def _check(config_sigs: list[TensorSig], model_sigs: list[TensorSig] | None, wha
     if what == "input":
         missing = set(by_name) - {s.name for s in config_sigs}
         if missing:
-            raise ModelLoadError(
-                f"the model also needs inputs {sorted(missing)}, which config.toml does not list"
-            )
+            raise ModelLoadError(f"the model also needs inputs {sorted(missing)}, which config.toml does not list")
 
 
 def resolve_signature(
     config: ModelConfigFile, model_inputs: list[TensorInfo] | None, model_outputs: list[TensorInfo] | None
 ) -> Signature:
-    """Combine the config's tensors with the model file's; raise ModelLoadError on conflict."""
-    batched = config.max_batch_size > 0
-    from_model_in = (
-        [_from_model(t, batched, "input") for t in model_inputs] if model_inputs is not None else None
-    )
-    from_model_out = (
-        [_from_model(t, batched, "output") for t in model_outputs] if model_outputs is not None else None
-    )
+    """Combine the config's tensors with the model file's; raise ModelLoadError on conflict.
+
+    ``model_inputs``/``model_outputs`` are what the model file declares (shapes with the batch dimension),
+    None when the format cannot tell; the result's dims exclude the batch dimension."""
+    mbs = config.max_batch_size
+    from_model_in = [_from_model(t, mbs, "input") for t in model_inputs] if model_inputs is not None else None
+    from_model_out = [_from_model(t, mbs, "output") for t in model_outputs] if model_outputs is not None else None
     if config.inputs is not None:
         inputs = [_from_spec(s) for s in config.inputs]
         _check(inputs, from_model_in, "input")
     elif from_model_in is not None:
         inputs = from_model_in
     else:
-        raise ModelLoadError(
-            "this backend cannot read tensor names from the model file: list inputs in config.toml"
-        )
+        raise ModelLoadError("this backend cannot read tensor names from the model file: list inputs in config.toml")
     if config.outputs is not None:
         outputs = [_from_spec(s) for s in config.outputs]
         _check(outputs, from_model_out, "output")
     elif from_model_out is not None:
         outputs = from_model_out
     else:
-        raise ModelLoadError(
-            "this backend cannot read tensor names from the model file: list outputs in config.toml"
-        )
+        raise ModelLoadError("this backend cannot read tensor names from the model file: list outputs in config.toml")
     return Signature(tuple(inputs), tuple(outputs), config.max_batch_size)
 
 
 def check_input(signature: Signature, name: str, datatype: str, shape: tuple[int, ...]) -> TensorSig:
     """Check one input a request declares (before its bytes are decoded, so that the caller
-    hears about a wrong shape rather than a consequent wrong byte count)."""
+    hears about a wrong shape rather than a consequent wrong byte count).
+
+    ``shape`` is the request's, with the batch dimension for batched models. Raises InvalidRequestError
+    for an unknown name, another datatype, another rank or fixed dimension, a negative dimension, a batch
+    over max_batch_size, or a size numpy cannot hold (``[0, 2**63-1]``): every size the client controls is
+    checked here, before numpy sees it."""
     sig = signature.input(name)
     if sig is None:
         raise InvalidRequestError(
@@ -143,9 +152,16 @@ def check_input(signature: Signature, name: str, datatype: str, shape: tuple[int
         raise InvalidRequestError(f"input {name!r} has datatype {datatype}, expected {sig.datatype}")
     offset = 1 if signature.batched else 0
     if len(shape) != len(sig.dims) + offset or any(shape[axis + offset] != dim for axis, dim in sig.fixed):
+        raise InvalidRequestError(f"input {name!r} has shape {list(shape)}, expected {signature.served_shape(sig)}")
+    if any(dim < 0 for dim in shape):
+        raise InvalidRequestError(f"input {name!r} has shape {list(shape)}; dimensions cannot be negative")
+    if offset and shape[0] > signature.max_batch_size:
         raise InvalidRequestError(
-            f"input {name!r} has shape {list(shape)}, expected {signature.served_shape(sig)}"
+            f"batch of {shape[0]} exceeds the model's max_batch_size {signature.max_batch_size}; split the request"
         )
+    itemsize = NUMPY_DTYPES[datatype].itemsize if datatype in NUMPY_DTYPES else 1
+    if math.prod(max(dim, 1) for dim in shape) * itemsize > _MAX_ARRAY_BYTES:
+        raise InvalidRequestError(f"input {name!r} has shape {list(shape)}, too large for any tensor")
     return sig
 
 

@@ -11,15 +11,35 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from tensorwire.proto.codec import float32_to_bf16_bits
-from tensorwire.server.backends.base import Placement, TensorInfo
+from tensorwire.server.backends.base import Placement, RequestDataError, TensorInfo
 
 log = logging.getLogger("tensorwire.backend.onnxruntime")
+
+# ONNX Runtime's statuses for inputs it rejects while running (an index past a table, lengths that do not
+# broadcast, a shape a Reshape cannot take). Warm-up has run the model on zeros at every batch size before
+# it serves, so at serving time these come from the request's data.
+_DATA_ERRORS = tuple(
+    getattr(ort.capi.onnxruntime_pybind11_state, name)
+    for name in ("InvalidArgument", "Fail")
+    if hasattr(ort.capi.onnxruntime_pybind11_state, name)
+)
+_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : [A-Z_]+ : ")
+_SOURCE_LOCATION = re.compile(r"/\S+\.(?:h|cc|cpp):\d+ ")
+
+
+def data_error(err: Exception) -> RequestDataError:
+    """ONNX Runtime's message without its status prefix and source locations, for the client."""
+    message = _SOURCE_LOCATION.sub("", _PREFIX.sub("", str(err)))
+    message = message.replace("Non-zero status code returned while running ", "while running ")
+    return RequestDataError(message[:400])
+
 
 # ONNX Runtime type strings -> v2 datatypes.
 _ORT_TO_V2 = {
@@ -89,6 +109,8 @@ class OnnxRuntimeBackend:
         self._bf16 = {t.name for t in self.inputs + self.outputs if t.datatype == "BF16"}
 
     def run(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        """Run the session (see ``Backend.run``); ONNX Runtime's INVALID_ARGUMENT and FAIL statuses
+        become ``RequestDataError``."""
         feeds = {}
         for name, array in inputs.items():
             if name in self._string_inputs:
@@ -96,9 +118,12 @@ class OnnxRuntimeBackend:
                 # checked to be UTF-8 before batching (ModelVersion.utf8_inputs).
                 array = np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(array)
             feeds[name] = array
-        if self._bf16:
-            return self._run_bf16(feeds, output_names)
-        results = self._session.run(output_names, feeds)
+        try:
+            if self._bf16:
+                return self._run_bf16(feeds, output_names)
+            results = self._session.run(output_names, feeds)
+        except _DATA_ERRORS as err:
+            raise data_error(err) from err
         out = {}
         for name, value in zip(output_names, results, strict=True):
             if name in self._string_outputs:
@@ -115,9 +140,7 @@ class OnnxRuntimeBackend:
         values = {}
         for name, array in feeds.items():
             if name in self._bf16:
-                values[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
-                    float32_to_bf16_bits(array), 16
-                )
+                values[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(float32_to_bf16_bits(array), 16)
             else:
                 values[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
         results = self._session.run_with_ort_values(output_names, values)
