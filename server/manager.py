@@ -148,7 +148,7 @@ class ModelManager:
             entry = record.versions.get(int(version))
             if entry is None:
                 raise ModelNotFoundError(
-                    f"model {name!r} has no version {echo(version)}; ready versions: {self.ready_versions(name)}"
+                    f"model {name!r} has no version {int(version)}; ready versions: {self.ready_versions(name)}"
                 )
             state, reason = entry.status()
             if state is READY:

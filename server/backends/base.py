@@ -52,6 +52,8 @@ class Backend(Protocol):
     """A loaded model session.
 
     Construction (``create_backend``) loads the model file and raises on a file the runtime cannot load.
+    A backend may also define ``abort()``, callable from any thread, to end a run in progress (the Python
+    backend kills its model's process); without it, a stuck run is abandoned with its thread.
     """
 
     #: Declared by the model file; None when the format cannot tell (TorchScript, Python).
