@@ -199,8 +199,7 @@ def gpu_server(tmp_path_factory):
     torchscript_model(repo, "ts_gpu", linear_module(), {
         "max_batch_size": 8, **LINEAR_IO, "instance_group": [{"kind": "gpu", "count": 1, "gpus": [0]}],
     })
-    # ts_no_inputs fails to load on purpose: strict readiness would never report this server ready.
-    with running_server(repo, *FAST_STOP, "--no-strict-readiness") as running:
+    with running_server(repo, *FAST_STOP) as running:
         yield running
 
 
