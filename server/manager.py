@@ -150,7 +150,7 @@ class ModelManager:
                 raise ModelNotFoundError(
                     f"model {name!r} has no version {int(version)}; ready versions: {self.ready_versions(name)}"
                 )
-            state, reason = entry.status()
+            state, reason = self._status(entry)
             if state is READY:
                 assert entry.served is not None
                 return entry.served
@@ -167,11 +167,15 @@ class ModelManager:
             raise ModelUnavailableError(f"model {name!r} is {state.lower()}; retry shortly")
         raise ModelUnavailableError(f"model {name!r} is not ready: {reason}")
 
+    def _status(self, entry: VersionRecord) -> tuple[ModelState, str]:
+        state, reason = entry.status()
+        return state, self.public(reason)
+
     def _model_status(self, record: ModelRecord) -> tuple[ModelState, str]:
         """The model as a whole: its best version's state, or its own while it has no version record."""
         if not record.versions:
             return record.state, record.reason
-        statuses = {v: e.status() for v, e in sorted(record.versions.items())}
+        statuses = {v: self._status(e) for v, e in sorted(record.versions.items())}
         for state in (READY, LOADING, UNLOADING):
             if any(s is state for s, _ in statuses.values()):
                 return state, ""
@@ -226,7 +230,7 @@ class ModelManager:
             if not record.versions:
                 rows.append((name, "", record.state.value, record.reason))
             for version, entry in sorted(record.versions.items()):
-                state, reason = entry.status()
+                state, reason = self._status(entry)
                 rows.append((name, str(version), state.value, reason))
         return rows
 

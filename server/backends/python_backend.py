@@ -50,6 +50,7 @@ class PythonBackend:
         self._lock = threading.Lock()  # guards _process against abort() from another thread
         self._process: subprocess.Popen | None = None
         self._conn: Connection | None = None
+        self._aborted = False  # set by abort(): the replica is being given up, start nothing more
         self._start()
 
     # ------------------------------------------------------------ process
@@ -117,6 +118,8 @@ class PythonBackend:
             reply = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             code = self._reap()
+            if self._aborted:
+                raise BackendCrashed(f"the model's process was stopped (exit code {code})") from None
             note = "a new process was started"
             try:
                 self._start()
@@ -130,6 +133,7 @@ class PythonBackend:
     def abort(self) -> None:
         """Kill the model's process (from any thread): a run in progress raises ``BackendCrashed`` at once."""
         with self._lock:
+            self._aborted = True
             process = self._process
         if process is not None and process.poll() is None:
             process.kill()
