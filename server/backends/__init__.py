@@ -19,9 +19,7 @@ def create_backend(kind: str, path: Path, placement: Placement) -> Backend:
         try:
             from tensorwire.server.backends.torchscript_backend import TorchScriptBackend
         except ImportError as err:
-            raise RuntimeError(
-                "the torchscript backend needs torch: pip install 'tensorwire[torch]'"
-            ) from err
+            raise RuntimeError("the torchscript backend needs torch: pip install 'tensorwire[torch]'") from err
         return TorchScriptBackend(path, placement)
     if kind == "python":
         from tensorwire.server.backends.python_backend import PythonBackend
