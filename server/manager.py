@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tensorwire.repository import (
-    CONFIG_FILE,
     ModelConfigFile,
     RepositoryConfigError,
     available_versions,
     check_model_name,
+    is_model_folder,
     list_models,
-    load_model_config,
+    read_model_config,
 )
 from tensorwire.server.errors import (
     ModelLoadError,
@@ -167,9 +167,10 @@ class ModelManager:
         except RepositoryConfigError as err:
             raise ModelNotFoundError(str(err)) from None
         model_dir = self.repo / name
-        if not (model_dir / CONFIG_FILE).is_file():
+        if not is_model_folder(model_dir):
             raise ModelNotFoundError(
-                f"model {name!r} is not in the repository {self.repo} (no {name}/{CONFIG_FILE})"
+                f"model {name!r} is not in the repository {self.repo} "
+                f"(no {name}/ folder with a config.toml, config.pbtxt or version folder)"
             )
         record = self._records.setdefault(name, ModelRecord(name))
         async with record.lock:
@@ -179,10 +180,15 @@ class ModelManager:
         name = record.name
         record.fingerprint = await asyncio.to_thread(fingerprint, model_dir)
         try:
-            config = load_model_config(model_dir)
+            source = read_model_config(model_dir)
         except RepositoryConfigError as err:
             self._mark_failed(record, str(err))
             raise ModelLoadError(str(err)) from None
+        config = source.config
+        for setting, how in source.inferred.items():
+            log.info("event=config_inferred model=%s config=%s %s=%s", name, source.source, setting, how)
+        if source.ignored:
+            log.warning("event=config_ignored model=%s config=%s settings=%r", name, source.source, source.ignored)
         versions = config.version_policy.select(available_versions(model_dir))
         if not versions:
             reason = (
@@ -210,17 +216,18 @@ class ModelManager:
                 failed[version] = reason
                 log.error("event=version_load_failed model=%s version=%d reason=%r", name, version, reason)
                 continue
-            fresh[version] = ModelVersion(name, version, config, result, self.metrics, loop)
-            b = config.dynamic_batching
+            served = result.config  # completed from the model file (max_batch_size)
+            fresh[version] = ModelVersion(name, version, served, result, self.metrics, loop)
+            b = served.dynamic_batching
             log.info(
                 "event=loaded model=%s version=%d backend=%s replicas=%s max_batch_size=%d batching=%s "
                 "max_queue_delay_us=%d preferred=%s max_queue_size=%d seconds=%.2f",
                 name,
                 version,
-                config.backend,
+                served.backend,
                 [f"{p.device}x{p.threads}t" for p in result.placements],
-                config.max_batch_size,
-                config.batching,
+                served.max_batch_size,
+                served.batching,
                 b.max_queue_delay_us,
                 b.preferred_batch_sizes,
                 b.max_queue_size,

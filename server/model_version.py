@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from tensorwire.proto.codec import NUMPY_DTYPES
-from tensorwire.repository import ModelConfigFile
+from tensorwire.repository import ModelConfigFile, complete_max_batch_size, completed
 from tensorwire.server.backends import Placement
+from tensorwire.server.backends.reshape import with_reshapes
 from tensorwire.server.batcher import DynamicBatcher, InferenceRequest
 from tensorwire.server.errors import ModelLoadError
 from tensorwire.server.replicas import EncodedTensor, Executor, Replica, load_backends
@@ -116,6 +117,7 @@ class LoadedParts:
     executors: list[Executor]
     placements: list[Placement]
     seconds: float
+    config: ModelConfigFile  # as served: max_batch_size completed from the model file when not given
 
 
 def load_parts(name: str, version: int, model_dir: Path, config: ModelConfigFile) -> LoadedParts:
@@ -135,6 +137,8 @@ def load_parts(name: str, version: int, model_dir: Path, config: ModelConfigFile
     except Exception as err:
         raise ModelLoadError(f"{path} could not be loaded by {config.backend}: {err}") from err
     try:
+        config = _complete(config, backends[0], label)
+        backends = with_reshapes(backends, config)
         first = backends[0]
         signature = resolve_signature(config, first.inputs, first.outputs)
         for backend in backends:
@@ -147,7 +151,23 @@ def load_parts(name: str, version: int, model_dir: Path, config: ModelConfigFile
         for backend in backends:
             backend.close()
         raise
-    return LoadedParts(signature, executors, placements, time.monotonic() - started)
+    return LoadedParts(signature, executors, placements, time.monotonic() - started, config)
+
+
+def _complete(config: ModelConfigFile, backend: object, label: str) -> ModelConfigFile:
+    """Fill in max_batch_size from the model file's shapes when the configuration leaves it out
+    (Triton's auto-complete), and say what was decided and why in the log."""
+    if config.max_batch_size is not None:
+        return config
+    decision = complete_max_batch_size(config, getattr(backend, "inputs", None), getattr(backend, "outputs", None))
+    log.info(
+        "event=auto_complete model=%s max_batch_size=%d dynamic_batching=%s reason=%r",
+        label,
+        decision.max_batch_size,
+        "on" if decision.batched and config.dynamic_batching.enabled else "off",
+        decision.reason,
+    )
+    return completed(config, decision)
 
 
 def _warm_up(executors: list[Executor], signature: Signature, sizes: list[int], label: str) -> None:
