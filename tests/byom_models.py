@@ -19,6 +19,13 @@ from serving import RunningServer, call
 from tensorwire.proto import inference_pb2 as pb
 
 
+def touch_text(path: Path, text: str) -> Path:
+    """Write a text file, creating its folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
 def save_onnx(graph: onnx.GraphProto, path: Path) -> Path:
     """Write a checked ONNX model (opset 17, IR 8: what the installed onnxruntime reads)."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
