@@ -157,7 +157,7 @@ def test_silero_vad_serves_without_configuration(server, client):
     assert result["output"].shape == (1, 1) and 0.0 <= float(result["output"][0, 0]) <= 1.0
     assert result["stateN"].shape == (2, 1, 128)
     assert (
-        "event=auto_complete model=vad:1 max_batch_size=0 dynamic_batching=off reason=\"no batch dimension: "
+        'event=auto_complete model=vad:1 max_batch_size=0 dynamic_batching=off reason="no batch dimension: '
         "input 'state' has a fixed leading dimension 2; input 'sr' has no dimensions\""
     ) in server.log()
 
@@ -205,5 +205,7 @@ def test_a_model_folder_added_later_loads_without_configuration(server, client):
     feeds = tokens(2, 9, seed=3)
     np.testing.assert_array_equal(client.infer("late", feeds)["logits"], pooled(feeds))
     assert "late" in [m.name for m in client.repository_index()]
-    with pytest.raises(ModelNotFoundError, match="no absent/ folder with a config.toml, config.pbtxt or version folder"):
+    with pytest.raises(
+        ModelNotFoundError, match="no absent/ folder with a config.toml, config.pbtxt or version folder"
+    ):
         client.load_model("absent")

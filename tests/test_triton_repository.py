@@ -184,7 +184,9 @@ def triton(server):
 
 def triton_reads(text: str) -> dict:
     """The file as Triton's own protobuf classes read it, as the JSON ModelConfig answers carry."""
-    return json_format.MessageToDict(text_format.Parse(text, triton_config_pb.ModelConfig()), preserving_proto_field_name=True)
+    return json_format.MessageToDict(
+        text_format.Parse(text, triton_config_pb.ModelConfig()), preserving_proto_field_name=True
+    )
 
 
 def honoured(config: dict) -> dict:
