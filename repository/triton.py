@@ -4,7 +4,9 @@ A Triton model repository (``<model>/config.pbtxt`` beside ``<model>/<version>/m
 unchanged. The file is protobuf text format of Triton's ``ModelConfig``; it is parsed with protobuf's own
 text-format parser against the subset of ``ModelConfig`` that ``proto/inference.proto`` declares (Triton's
 field names and numbers), then mapped to :class:`~tensorwire.repository.config.ModelConfigFile` and
-validated like a ``config.toml``.
+validated like a ``config.toml``. Before that, one walk over protobuf's tokenizer sets aside the fields the
+subset does not declare (protobuf's own skipping of unknown fields cannot read Triton's ``name [ {...} ]``
+lists inside them) and records where each field is, so nothing goes unreported.
 
 Every setting is accounted for:
 
@@ -195,7 +197,7 @@ def _where(path: tuple[str | int, ...], message: pb.ModelConfig) -> str:
             continue
         name = path[i - 1]
         label = str(part)
-        if name in ("input", "output") and len(path) > i and i == 1:
+        if i == 1 and name in ("input", "output"):  # a top-level tensor: name it
             tensors = message.input if name == "input" else message.output
             if part < len(tensors) and tensors[part].name:
                 label = tensors[part].name
