@@ -1,17 +1,20 @@
-"""The model repository format: the one thing the trainer writes and the server reads.
+"""The schema of ``config.toml``, validated with pydantic, and the TOML file's reading and writing.
 
 Layout::
 
-    <repo>/<model>/config.toml
-    <repo>/<model>/<version>/model.onnx | model.pt
+    <repo>/<model>/config.toml                (optional: see ``tensorwire.repository.layout``)
+    <repo>/<model>/<version>/model.onnx | model.pt | model.py
 
-``config.toml`` is validated here with pydantic; every error names the file,
-the field and what is allowed, so a user can fix it without reading code.
+Every error names the file, the field and what is allowed, so a user can fix it
+without reading code. ``backend`` and ``max_batch_size`` may be left out: the
+backend then follows from the model file and ``max_batch_size`` from the model's
+shapes at load (see ``layout.read_model_config`` and ``autocomplete``).
 This module imports neither grpc nor any model runtime.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -30,19 +33,21 @@ from pydantic import (
 )
 
 from tensorwire.proto.codec import DATATYPES
+from tensorwire.repository.backends import BACKENDS, default_filenames, platforms
 
 CONFIG_FILE = "config.toml"
-DEFAULT_FILENAMES = {"onnxruntime": "model.onnx", "torchscript": "model.pt", "python": "model.py"}
-PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "torchscript": "pytorch_libtorch", "python": "python"}
+#: backend -> default model file / reported platform (derived from ``backends.BACKENDS``).
+DEFAULT_FILENAMES = default_filenames()
+PLATFORMS = platforms()
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # used with fullmatch
-VERSION_FOLDER = re.compile(r"[1-9][0-9]*")  # ASCII digits, no leading zero: the folder is str(version)
 
 Datatype = Literal[DATATYPES]  # type: ignore[valid-type]
+BackendName = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]
 Dim = Annotated[int, Field(ge=-1)]
 
 
 class RepositoryConfigError(ValueError):
-    """A model's ``config.toml`` is missing, unreadable or invalid."""
+    """A model's configuration is unreadable or invalid, or asks for something tensorwire cannot honour."""
 
 
 def check_model_name(name: str) -> str:
@@ -59,18 +64,47 @@ class _Strict(BaseModel):
 
 
 class TensorSpec(_Strict):
-    """One input or output; ``dims`` exclude the batch dimension, -1 = variable."""
+    """One input or output as clients see it: ``dims`` exclude the batch dimension, -1 = variable.
+
+    ``reshape`` (Triton's ModelTensorReshape) is the shape the model file has for this tensor, also
+    without the batch dimension, when it differs from ``dims``: e.g. ``dims = [1]``, ``reshape = []``
+    for a model that takes ``[batch]`` while clients send ``[batch, 1]``. The server reshapes inputs
+    before the run and outputs after it, so only a reshape between two fixed shapes with the same number
+    of elements (or one equal to ``dims``) is accepted.
+    """
 
     name: str = Field(min_length=1)
     datatype: Datatype
     dims: list[Dim]
+    reshape: list[Dim] | None = None
 
-    @field_validator("dims")
+    @field_validator("dims", "reshape")
     @classmethod
-    def _no_zero_dims(cls, dims: list[int]) -> list[int]:
-        if 0 in dims:
-            raise ValueError(f"dims {dims} contain 0; use a positive size or -1 for variable")
+    def _no_zero_dims(cls, dims: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        if dims is not None and 0 in dims:
+            raise ValueError(f"{info.field_name} {dims} contain 0; use a positive size or -1 for variable")
         return dims
+
+    @model_validator(mode="after")
+    def _reshape_possible(self) -> TensorSpec:
+        if self.reshape is None or self.reshape == self.dims:
+            return self
+        if -1 in self.dims or -1 in self.reshape:
+            raise ValueError(
+                f"{self.name!r}: reshape {self.reshape} differs from dims {self.dims} and has a variable (-1) "
+                "dimension; only a reshape between fixed shapes of the same size can be honoured"
+            )
+        if math.prod(self.dims) != math.prod(self.reshape):
+            raise ValueError(
+                f"{self.name!r}: reshape {self.reshape} holds {math.prod(self.reshape)} elements, dims "
+                f"{self.dims} hold {math.prod(self.dims)}; they must hold the same number"
+            )
+        return self
+
+    @property
+    def model_dims(self) -> list[int]:
+        """The shape the model file has for this tensor (without the batch dimension)."""
+        return self.dims if self.reshape is None else self.reshape
 
 
 class VersionPolicy(_Strict):
@@ -138,10 +172,15 @@ class InstanceGroup(_Strict):
 
 
 class ModelConfigFile(_Strict):
-    """The validated contents of one model's ``config.toml``."""
+    """The validated contents of one model's ``config.toml`` (or of a Triton ``config.pbtxt`` read into it).
 
-    backend: Literal["onnxruntime", "torchscript", "python"]
-    max_batch_size: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    ``backend`` None: not given; ``layout.read_model_config`` fills it in from the model file.
+    ``max_batch_size`` None: not given; the server completes it from the model's shapes at load
+    (``autocomplete.complete_max_batch_size``); 0 says the model takes no batch dimension.
+    """
+
+    backend: BackendName | None = None
+    max_batch_size: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
     version_policy: VersionPolicy = VersionPolicy(latest=1)
     inputs: list[TensorSpec] | None = None
     outputs: list[TensorSpec] | None = None
@@ -171,7 +210,7 @@ class ModelConfigFile(_Strict):
     @classmethod
     def _preferred_sizes_fit(cls, batching: DynamicBatching, info: ValidationInfo) -> DynamicBatching:
         max_batch_size = info.data.get("max_batch_size")
-        if max_batch_size is None:  # invalid itself: already reported
+        if max_batch_size is None:  # not given (completed at load, at least as large), or invalid: reported
             return batching
         too_big = [p for p in batching.preferred_batch_sizes if p > max(max_batch_size, 1)]
         if too_big:
@@ -185,29 +224,41 @@ class ModelConfigFile(_Strict):
     @classmethod
     def _plain_file_name(cls, name: str | None) -> str | None:
         if name and ("/" in name or "\\" in name or name.startswith(".")):
-            raise ValueError(
-                f"default_model_filename {name!r} must be a plain file name inside the version folder"
-            )
+            raise ValueError(f"default_model_filename {name!r} must be a plain file name inside the version folder")
         return name
+
+    def _format(self) -> Any:
+        if self.backend is None:
+            raise RepositoryConfigError(
+                "the backend is not known yet: it is read from the model file by read_model_config"
+            )
+        return BACKENDS[self.backend]
 
     @property
     def model_filename(self) -> str:
-        return self.default_model_filename or DEFAULT_FILENAMES[self.backend]
+        """The model file inside each version folder."""
+        return self.default_model_filename or self._format().filename
 
     @property
     def platform(self) -> str:
-        return PLATFORMS[self.backend]
+        """The platform string reported in ModelMetadata and ModelConfig (``onnxruntime_onnx``, ...)."""
+        return self._format().platform
 
     @property
     def batching(self) -> bool:
         """Whether requests are combined into batches (needs a batch dimension)."""
-        return self.max_batch_size > 0 and self.dynamic_batching.enabled
+        return (self.max_batch_size or 0) > 0 and self.dynamic_batching.enabled
+
+    def tensor_spec(self, name: str) -> TensorSpec | None:
+        """The config's entry for the input or output ``name``, if it lists one."""
+        for spec in (self.inputs or []) + (self.outputs or []):
+            if spec.name == name:
+                return spec
+        return None
 
     def to_toml_dict(self) -> dict[str, Any]:
-        """A plain dict for writing back as TOML (defaults left out)."""
-        return self.model_dump(mode="json", exclude_none=True, exclude_defaults=True) | {
-            "backend": self.backend
-        }
+        """A plain dict for writing back as TOML (defaults and unset values left out)."""
+        return self.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -238,13 +289,16 @@ def parse_model_config(data: dict[str, Any], source: str = CONFIG_FILE) -> Model
         raise RepositoryConfigError(f"{source}: {lines}") from None
 
 
-def load_model_config(model_dir: Path) -> ModelConfigFile:
-    """Read and validate ``<model_dir>/config.toml``."""
-    path = Path(model_dir) / CONFIG_FILE
+def read_toml_config(path: Path) -> ModelConfigFile:
+    """Read and validate one ``config.toml`` file; every error names ``path``.
+
+    Raises RepositoryConfigError when the file is missing, unreadable, not UTF-8, not TOML or invalid.
+    """
+    path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise RepositoryConfigError(f"{path}: missing; every model folder needs a {CONFIG_FILE}") from None
+        raise RepositoryConfigError(f"{path}: missing") from None
     except UnicodeDecodeError as err:
         raise RepositoryConfigError(f"{path}: not UTF-8 text ({err}); save it as UTF-8") from None
     except OSError as err:
@@ -252,24 +306,6 @@ def load_model_config(model_dir: Path) -> ModelConfigFile:
     except tomllib.TOMLDecodeError as err:
         raise RepositoryConfigError(f"{path}: not valid TOML: {err}") from None
     return parse_model_config(data, str(path))
-
-
-def available_versions(model_dir: Path) -> list[int]:
-    """Numbered version folders under a model folder, ascending (others ignored)."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and VERSION_FOLDER.fullmatch(p.name))
-
-
-def list_models(repo: Path) -> list[str]:
-    """Model folder names in a repository (folders holding a config.toml)."""
-    repo = Path(repo)
-    return (
-        sorted(p.name for p in repo.iterdir() if p.is_dir() and (p / CONFIG_FILE).exists())
-        if repo.is_dir()
-        else []
-    )
 
 
 def write_model_config(config: ModelConfigFile, model_dir: Path) -> Path:

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tensorwire.repository import (
-    CONFIG_FILE,
     RepositoryConfigError,
     available_versions,
     check_model_name,
+    is_model_folder,
     list_models,
-    load_model_config,
+    read_model_config,
 )
 from tensorwire.server.blocking import run_blocking
 from tensorwire.server.errors import (
@@ -271,8 +271,11 @@ class ModelManager:
             ) from None
         if self.draining:
             raise ModelUnavailableError(f"the server is shutting down; model {name!r} was not loaded")
-        if not (self.repo / name / CONFIG_FILE).is_file():
-            raise ModelNotFoundError(f"model {name!r} is not in the model repository (no {name}/{CONFIG_FILE})")
+        if not is_model_folder(self.repo / name):
+            raise ModelNotFoundError(
+                f"model {name!r} is not in the model repository "
+                f"(no {name}/ folder with a config.toml, config.pbtxt or version folder)"
+            )
         record = self._records.setdefault(name, ModelRecord(name))
         record.wanted = True
         await self._run(record, "load")
@@ -329,10 +332,15 @@ class ModelManager:
         model_dir = self.repo / name
         record.fingerprint = await run_blocking(fingerprint, model_dir, name=f"fingerprint-{name}")
         try:
-            config = load_model_config(model_dir)
+            source = read_model_config(model_dir)
         except RepositoryConfigError as err:
             self._fail(record, str(err), {})
             raise ModelLoadError(self.public(str(err))) from None
+        config = source.config
+        for setting, how in source.inferred.items():
+            log.info("event=config_inferred model=%s config=%s %s=%s", name, source.source, setting, how)
+        if source.ignored:
+            log.warning("event=config_ignored model=%s config=%s settings=%r", name, source.source, source.ignored)
         available = available_versions(model_dir)
         versions = config.version_policy.select(available)
         if not versions:
@@ -376,11 +384,14 @@ class ModelManager:
             log.info("event=load_rolled_back model=%s reason=%r", name, why)
             raise ModelUnavailableError(f"the load of model {name!r} was rolled back: {why}")
         fresh = {
-            v: ModelVersion(name, v, config, parts, self.metrics, loop, model_dir / str(v) / config.model_filename)
+            # parts.config: as served, max_batch_size completed from the model file when the config left it out
+            v: ModelVersion(
+                name, v, parts.config, parts, self.metrics, loop, model_dir / str(v) / parts.config.model_filename
+            )
             for v, parts in loaded.items()
         }
         for version, parts in loaded.items():
-            self._log_loaded(name, version, config, parts)
+            self._log_loaded(name, version, parts.config, parts)
         errors = "; ".join(f"version {v}: {r}" for v, r in failed.items())
         if not fresh:
             self._fail(record, errors, failed)

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from tensorwire.proto.codec import NUMPY_DTYPES
-from tensorwire.repository import ModelConfigFile
+from tensorwire.repository import ModelConfigFile, complete_max_batch_size, completed
 from tensorwire.server.backends import Placement, create_backend
+from tensorwire.server.backends.reshape import with_reshapes
 from tensorwire.server.batcher import DynamicBatcher, InferenceRequest
 from tensorwire.server.blocking import run_blocking
 from tensorwire.server.errors import ModelLoadError, ModelUnavailableError
@@ -119,6 +120,7 @@ class LoadedParts:
     executors: list[Executor]
     placements: list[Placement]
     seconds: float
+    config: ModelConfigFile  # as served: max_batch_size completed from the model file when not given
 
     def close(self) -> None:
         """Release every backend (a load that was rolled back)."""
@@ -151,6 +153,8 @@ def load_parts(name: str, version: int, model_dir: Path, config: ModelConfigFile
     except Exception as err:
         raise ModelLoadError(f"{path} could not be loaded by {config.backend}: {err}") from err
     try:
+        config = _complete(config, backends[0], label)
+        backends = with_reshapes(backends, config)
         first = backends[0]
         signature = resolve_signature(config, first.inputs, first.outputs)
         for backend in backends:
@@ -161,14 +165,30 @@ def load_parts(name: str, version: int, model_dir: Path, config: ModelConfigFile
         for backend in backends:
             backend.close()
         raise
-    return LoadedParts(signature, executors, placements, time.monotonic() - started)
+    return LoadedParts(signature, executors, placements, time.monotonic() - started, config)
+
+
+def _complete(config: ModelConfigFile, backend: object, label: str) -> ModelConfigFile:
+    """Fill in max_batch_size from the model file's shapes when the configuration leaves it out
+    (Triton's auto-complete), and say what was decided and why in the log."""
+    if config.max_batch_size is not None:
+        return config
+    decision = complete_max_batch_size(config, getattr(backend, "inputs", None), getattr(backend, "outputs", None))
+    log.info(
+        "event=auto_complete model=%s max_batch_size=%d dynamic_batching=%s reason=%r",
+        label,
+        decision.max_batch_size,
+        "on" if decision.batched and config.dynamic_batching.enabled else "off",
+        decision.reason,
+    )
+    return completed(config, decision)
 
 
 def build_executor(
     label: str, path: Path, config: ModelConfigFile, signature: Signature, placement: Placement
 ) -> Executor:
     """A fresh, warmed backend for one replica (blocking): the replacement of a lost replica."""
-    backend = create_backend(config.backend, path, placement)
+    backend = with_reshapes([create_backend(config.backend, path, placement)], config)[0]
     try:
         _bind(backend, signature)
         executor = Executor(backend, signature, label)
@@ -180,13 +200,29 @@ def build_executor(
 
 
 def _warm_up(executors: list[Executor], signature: Signature, sizes: list[int], label: str) -> None:
-    """Run each batch size on every replica; a failure is the load's failure, with the model's reason."""
+    """Run each batch size on every replica with zeros.
+
+    When every input shape is fixed by the signature, the zeros are an input the model declares valid, so a
+    failure is the load's failure (ModelLoadError with the model's reason). When a shape has variable
+    dimensions, the warm-up guesses them (1), and models often need more (a reflect pad needs a length of at
+    least 2): a failure then says only that the guess was wrong, so it is logged and warm-up stops.
+    """
+    guessed = any(-1 in t.dims for t in signature.inputs)
     for size in sizes:
         item = WorkItem(synthetic_inputs(signature, size), size, signature.output_names)
         for executor in executors:
             result = executor.execute([item]).results[0]
             if isinstance(result, Exception):
                 cause = result.__cause__ or result
+                if guessed:
+                    log.warning(
+                        "event=warmup_skipped model=%s batch=%d reason=%r detail='variable dimensions were "
+                        "guessed as 1; serving without warm-up'",
+                        label,
+                        size,
+                        str(cause),
+                    )
+                    return
                 raise ModelLoadError(
                     f"warm-up failed: model {label} fails on zeros at batch size {size}: {cause}; "
                     'fix the model or set warmup = "none" in config.toml'

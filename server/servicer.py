@@ -20,6 +20,7 @@ from tensorwire import __version__
 from tensorwire.proto import inference_pb2 as pb
 from tensorwire.proto.codec import DATATYPES, CodecError, decode_contents, decode_raw
 from tensorwire.proto.service import METHODS
+from tensorwire.repository import ModelConfigFile
 from tensorwire.server.batcher import InferenceRequest
 from tensorwire.server.errors import (
     DeadlineExceededError,
@@ -445,6 +446,12 @@ def build_response(version: ModelVersion, request_id: str, outputs: list) -> pb.
     )
 
 
+def _reshape(config: ModelConfigFile, name: str) -> pb.ModelTensorReshape | None:
+    """Triton's reshape of a tensor, when the configuration gives one (the model file's shape)."""
+    spec = config.tensor_spec(name)
+    return pb.ModelTensorReshape(shape=spec.reshape) if spec is not None and spec.reshape is not None else None
+
+
 def model_config_proto(version: ModelVersion) -> pb.ModelConfig:
     """Triton's ModelConfig subset, filled from config.toml and the resolved signature."""
     config, sig = version.config, version.signature
@@ -466,10 +473,16 @@ def model_config_proto(version: ModelVersion) -> pb.ModelConfig:
         version_policy=version_policy,
         max_batch_size=config.max_batch_size,
         input=[
-            pb.ModelInput(name=t.name, data_type=_CONFIG_TYPES[t.datatype], dims=t.dims) for t in sig.inputs
+            pb.ModelInput(
+                name=t.name, data_type=_CONFIG_TYPES[t.datatype], dims=t.dims, reshape=_reshape(config, t.name)
+            )
+            for t in sig.inputs
         ],
         output=[
-            pb.ModelOutput(name=t.name, data_type=_CONFIG_TYPES[t.datatype], dims=t.dims) for t in sig.outputs
+            pb.ModelOutput(
+                name=t.name, data_type=_CONFIG_TYPES[t.datatype], dims=t.dims, reshape=_reshape(config, t.name)
+            )
+            for t in sig.outputs
         ],
         instance_group=[
             pb.ModelInstanceGroup(

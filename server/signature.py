@@ -84,6 +84,21 @@ def _from_model(info: TensorInfo, max_batch_size: int, what: str) -> TensorSig:
     return TensorSig(info.name, info.datatype, tuple(shape))
 
 
+def _all_from_model(infos: list[TensorInfo] | None, max_batch_size: int, what: str) -> list[TensorSig] | None:
+    """``_from_model`` for every tensor; one ModelLoadError that names every tensor refused, not just the first."""
+    if infos is None:
+        return None
+    sigs, refusals = [], []
+    for info in infos:
+        try:
+            sigs.append(_from_model(info, max_batch_size, what))
+        except ModelLoadError as err:
+            refusals.append(str(err))
+    if refusals:
+        raise ModelLoadError("; ".join(refusals))
+    return sigs
+
+
 def _check(config_sigs: list[TensorSig], model_sigs: list[TensorSig] | None, what: str) -> None:
     if model_sigs is None:
         return
@@ -116,8 +131,8 @@ def resolve_signature(
     ``model_inputs``/``model_outputs`` are what the model file declares (shapes with the batch dimension),
     None when the format cannot tell; the result's dims exclude the batch dimension."""
     mbs = config.max_batch_size
-    from_model_in = [_from_model(t, mbs, "input") for t in model_inputs] if model_inputs is not None else None
-    from_model_out = [_from_model(t, mbs, "output") for t in model_outputs] if model_outputs is not None else None
+    from_model_in = _all_from_model(model_inputs, mbs, "input")
+    from_model_out = _all_from_model(model_outputs, mbs, "output")
     if config.inputs is not None:
         inputs = [_from_spec(s) for s in config.inputs]
         _check(inputs, from_model_in, "input")

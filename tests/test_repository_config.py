@@ -107,7 +107,7 @@ def test_design_example_parses(tmp_path):
 
 def test_defaults(tmp_path):
     config = load_model_config(write(tmp_path, 'backend = "torchscript"\n'))
-    assert config.max_batch_size == 0 and not config.batching
+    assert config.max_batch_size is None and not config.batching  # completed from the model at load
     assert config.version_policy.select([1, 2, 3]) == [3]
     assert config.inputs is None and config.outputs is None  # read from the model file
     assert config.instance_group == [InstanceGroup(kind="auto", count=1)]
@@ -255,7 +255,7 @@ def test_full_config_with_every_field(tmp_path):
         ),
         # backend
         ('backend = "tensorflow"\n', "backend", "'tensorflow'"),
-        ("max_batch_size = 4\n", "backend", "required"),
+        ("max_batch_size = 4\n", "backend", "no version folder to tell the backend from"),
         # version policy
         ('backend = "onnxruntime"\nversion_policy = { latest = 0 }\n', "version_policy.latest", ">= 1"),
         ('backend = "onnxruntime"\nversion_policy = {}\n', "version_policy", "exactly one of"),
@@ -311,14 +311,12 @@ def test_invalid_toml(tmp_path):
     assert "not valid TOML" in message and "line 2" in message
 
 
-def test_missing_file(tmp_path):
+def test_empty_model_folder(tmp_path):
     model_dir = tmp_path / "ghost"
     model_dir.mkdir()
-    with pytest.raises(
-        RepositoryConfigError, match="missing; every model folder needs a config.toml"
-    ) as info:
+    with pytest.raises(RepositoryConfigError, match="no version folder to tell the backend from") as info:
         load_model_config(model_dir)
-    assert str(model_dir / CONFIG_FILE) in str(info.value)
+    assert str(model_dir) in str(info.value)
 
 
 def test_unreadable_file(tmp_path):
@@ -339,7 +337,7 @@ def test_parse_model_config_names_its_source():
     with pytest.raises(RepositoryConfigError, match=r"^somewhere/config.toml: field 'backend'"):
         parse_model_config({"backend": "nope"}, "somewhere/config.toml")
     with pytest.raises(RepositoryConfigError, match=r"^config.toml: "):
-        parse_model_config({})
+        parse_model_config({"max_batch_size": -1})
 
 
 def test_config_is_immutable():
