@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 
 from tensorwire.client.retry import RetryPolicy
+from tensorwire.proto.service import METHODS
 
 #: 2 GiB - 1 on both sides by default, as the server's (gRPC's 4 MiB default trips real models).
 DEFAULT_MAX_MESSAGE_BYTES = 2**31 - 1
@@ -192,9 +193,7 @@ class ChannelSpec:
     def open_sync(self) -> grpc.Channel:
         if self.credentials is None:
             return grpc.insecure_channel(self.target, options=self.options, compression=self.compression)
-        return grpc.secure_channel(
-            self.target, self.credentials, options=self.options, compression=self.compression
-        )
+        return grpc.secure_channel(self.target, self.credentials, options=self.options, compression=self.compression)
 
     def open_aio(self) -> grpc.aio.Channel:
         if self.credentials is None:
@@ -246,3 +245,30 @@ def channel_spec(
     opts += list(options)
     metadata = (("authorization", f"Bearer {token}"),) if token else None
     return ChannelSpec(target, tuple(opts), credentials, compression_of(compression), metadata)
+
+
+def unary_stubs(channel: Any) -> dict[str, Any]:
+    """Callables for every unary method of the v2 service, by short name (``"ModelInfer"``, ...).
+
+    ``channel`` is a ``grpc.Channel`` or a ``grpc.aio.Channel``: both build their callables the
+    same way, for the standard wire path ``/inference.GRPCInferenceService/<Method>``.
+    """
+    return {
+        name: channel.unary_unary(
+            method.path,
+            request_serializer=method.request.SerializeToString,
+            response_deserializer=method.response.FromString,
+        )
+        for name, method in METHODS.items()
+        if not method.client_streaming and not method.server_streaming
+    }
+
+
+def stream_stub(channel: Any) -> Any:
+    """The ``ModelStreamInfer`` callable (bidirectional) for a sync or asyncio channel."""
+    stream = METHODS["ModelStreamInfer"]
+    return channel.stream_stream(
+        stream.path,
+        request_serializer=stream.request.SerializeToString,
+        response_deserializer=stream.response.FromString,
+    )

@@ -70,9 +70,7 @@ def repository_param(value: bool | int | str | bytes) -> pb.ModelRepositoryParam
         return pb.ModelRepositoryParameter(string_param=value)
     if isinstance(value, bytes | bytearray):
         return pb.ModelRepositoryParameter(bytes_param=bytes(value))
-    raise InvalidInputError(
-        f"repository parameters must be bool, int, str or bytes, not {type(value).__name__}"
-    )
+    raise InvalidInputError(f"repository parameters must be bool, int, str or bytes, not {type(value).__name__}")
 
 
 def encode(name: str, value: Any) -> tuple[str, list[int], bytes]:
