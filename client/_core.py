@@ -259,26 +259,30 @@ class ClientBase:
         if signature is not None and served and signature.versions and served not in signature.versions:
             self._forget(model, version)
 
-    def _inputs(self, model: str, version: str, inputs: Any, deadline: float | None) -> Plan[Mapping[str, Any]]:
+    def _inputs(
+        self, model: str, version: str, inputs: Any, deadline: float | None
+    ) -> Plan[tuple[Mapping[str, Any], Signature | None]]:
         """``inputs`` named and fitted to the model's declared datatypes (the casting rule).
 
         A bare value (anything but a mapping) is the one input of a single-input model.
-        Raises InvalidInputError for a bare value given to a model with several inputs (or
-        whose metadata is unavailable) and for values the casting rule refuses; a refusal
-        made with a cached signature is checked again with a fresh one first.
+        Returns the fitted inputs and the signature used when it came from the cache (None
+        when none was needed, or it was fetched now). Raises InvalidInputError for a bare
+        value given to a model with several inputs (or whose metadata is unavailable) and
+        for values the casting rule refuses; a refusal made with a cached signature is
+        checked again with a fresh one first.
         """
         if not _needs_signature(inputs):
-            return inputs
+            return inputs, None
         cached = (model, version) in self._signatures
         signature = yield from self._signature(model, version, deadline)
         try:
-            return _fit(model, inputs, signature)
+            return _fit(model, inputs, signature), signature if cached else None
         except InvalidInputError:
             if not cached:
                 raise
         self._forget(model, version)
         signature = yield from self._signature(model, version, deadline)
-        return _fit(model, inputs, signature)
+        return _fit(model, inputs, signature), None
 
     # ------------------------------------------------------------------- plans
 
@@ -293,27 +297,41 @@ class ClientBase:
         request_id: str | None,
         parameters: Mapping[str, ParamValue] | None,
     ) -> Plan[InferResult]:
+        """One ModelInfer with fitted inputs.
+
+        When the server refuses the request as invalid and the inputs were fitted with a
+        cached signature that a fresh ``ModelMetadata`` contradicts (the model was reloaded
+        with other inputs since), they are fitted again and sent once more: a refused
+        request never ran, and the first one was built from outdated knowledge.
+        """
         if not isinstance(model, str) or not model:
             raise InvalidInputError("a model name is required")
         deadline = self._deadline(timeout)
         wanted = version_string(version)
-        named = yield from self._inputs(model, wanted, inputs, deadline)
-        request = build_request(
-            model,
-            named,
-            outputs=outputs,
-            version=version,
-            priority=priority,
-            request_id=request_id,
-            parameters=parameters,
-        )
-        try:
-            response = yield from self._unary("ModelInfer", request, deadline)
-        except InferenceServerError as error:
-            self._note_failure(model, wanted, error)
-            raise
-        self._check_version(model, wanted, response.model_version)
-        return parse_response(response, self._bf16_as)
+        named, cached = yield from self._inputs(model, wanted, inputs, deadline)
+        while True:
+            request = build_request(
+                model,
+                named,
+                outputs=outputs,
+                version=version,
+                priority=priority,
+                request_id=request_id,
+                parameters=parameters,
+            )
+            try:
+                response = yield from self._unary("ModelInfer", request, deadline)
+            except InferenceServerError as error:
+                self._note_failure(model, wanted, error)
+                if cached is None or error.code is not grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                fresh = yield from self._signature(model, wanted, deadline)
+                if fresh is None or fresh.inputs == cached.inputs:
+                    raise
+                named, cached = _fit(model, inputs, fresh), None
+                continue
+            self._check_version(model, wanted, response.model_version)
+            return parse_response(response, self._bf16_as)
 
     def _plan_stream_request(
         self,
@@ -333,7 +351,7 @@ class ClientBase:
                 yield from self._signature(model, wanted, deadline)  # the server's refusal fails this item
             except InferenceServerError as error:
                 return error
-        named = yield from self._inputs(model, wanted, inputs, deadline)
+        named, _ = yield from self._inputs(model, wanted, inputs, deadline)
         return build_request(
             model,
             named,

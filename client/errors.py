@@ -76,7 +76,7 @@ class ServerBusyError(InferenceServerError):
 
     @property
     def retry_after(self) -> float | None:
-        return pushback_seconds(self.trailing_metadata)
+        return pushback_s(self.trailing_metadata)
 
 
 class DeadlineExceededError(InferenceServerError, TimeoutError):
@@ -195,7 +195,7 @@ def from_stream_message(message: str) -> InferenceServerError:
     return InferenceServerError(message)
 
 
-def pushback_seconds(trailing_metadata: Iterable[tuple[str, str | bytes]]) -> float | None:
+def pushback_s(trailing_metadata: Iterable[tuple[str, str | bytes]]) -> float | None:
     """The ``grpc-retry-pushback-ms`` hint in seconds; ``None`` if absent, malformed or negative.
 
     gRPC's retry design (A6) treats a malformed or negative pushback as "do not retry".
