@@ -21,6 +21,8 @@ from tensorwire.proto import inference_pb2 as pb
 #: Inputs: name -> array (or anything np.asarray takes) or a Tensor with an explicit datatype.
 Inputs = Mapping[str, Any]
 ParamValue = bool | int | float | str
+#: Repository load/unload parameters: name -> bool, int, str or bytes.
+RepositoryParams = Mapping[str, bool | int | str | bytes]
 #: Requested outputs: names, or name -> per-output parameters.
 Outputs = Sequence[str] | Mapping[str, Mapping[str, ParamValue]]
 

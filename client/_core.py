@@ -46,6 +46,7 @@ from tensorwire.client._convert import (
     Inputs,
     Outputs,
     ParamValue,
+    RepositoryParams,
     build_request,
     parse_response,
     repository_param,
@@ -310,15 +311,7 @@ class ClientBase:
         wanted = version_string(version)
         named, cached = yield from self._inputs(model, wanted, inputs, deadline)
         while True:
-            request = build_request(
-                model,
-                named,
-                outputs=outputs,
-                version=version,
-                priority=priority,
-                request_id=request_id,
-                parameters=parameters,
-            )
+            request = _infer_request(model, named, outputs, version, priority, request_id, parameters)
             try:
                 response = yield from self._unary("ModelInfer", request, deadline)
             except InferenceServerError as error:
@@ -352,15 +345,7 @@ class ClientBase:
             except InferenceServerError as error:
                 return error
         named, _ = yield from self._inputs(model, wanted, inputs, deadline)
-        return build_request(
-            model,
-            named,
-            outputs=outputs,
-            version=version,
-            priority=priority,
-            request_id=request_id,
-            parameters=parameters,
-        )
+        return _infer_request(model, named, outputs, version, priority, request_id, parameters)
 
     def _plan_server_live(self, timeout: float | None) -> Plan[bool]:
         return (yield from self._call("ServerLive", pb.ServerLiveRequest(), timeout)).live
@@ -399,24 +384,29 @@ class ClientBase:
         response = yield from self._call("RepositoryIndex", pb.RepositoryIndexRequest(ready=ready), timeout)
         return list(response.models)
 
-    def _plan_load_model(
-        self, model: str, parameters: Mapping[str, bool | int | str | bytes] | None, timeout: float | None
-    ) -> Plan[None]:
-        request = pb.RepositoryModelLoadRequest(model_name=model)
-        for key, value in (parameters or {}).items():
-            request.parameters[key].CopyFrom(repository_param(value))
-        self._forget_model(model)
-        yield from self._call("RepositoryModelLoad", request, timeout)
-        self._forget_model(model)
+    def _plan_load_model(self, model: str, parameters: RepositoryParams | None, timeout: float | None) -> Plan[None]:
+        yield from self._repository_call("RepositoryModelLoad", model, parameters, timeout)
 
-    def _plan_unload_model(
-        self, model: str, parameters: Mapping[str, bool | int | str | bytes] | None, timeout: float | None
+    def _plan_unload_model(self, model: str, parameters: RepositoryParams | None, timeout: float | None) -> Plan[None]:
+        yield from self._repository_call("RepositoryModelUnload", model, parameters, timeout)
+
+    def _repository_call(
+        self,
+        method: str,
+        model: str,
+        parameters: RepositoryParams | None,
+        timeout: float | None,
     ) -> Plan[None]:
-        request = pb.RepositoryModelUnloadRequest(model_name=model)
+        """Load or unload ``model``; the model's cached signatures are dropped before and after."""
+        kind = pb.RepositoryModelLoadRequest if method == "RepositoryModelLoad" else pb.RepositoryModelUnloadRequest
+        request = kind(model_name=model)
         for key, value in (parameters or {}).items():
             request.parameters[key].CopyFrom(repository_param(value))
         self._forget_model(model)
-        yield from self._call("RepositoryModelUnload", request, timeout)
+        try:
+            yield from self._call(method, request, timeout)
+        finally:
+            self._forget_model(model)
 
     def _forget_model(self, model: str) -> None:
         for key in [key for key in self._signatures if key[0] == model]:
@@ -441,6 +431,20 @@ class ClientBase:
                 why = last or "not ready"
                 raise UnavailableError(f"{what} at {self.target} not ready after {timeout}s ({why})")
             yield Sleep(interval)
+
+
+def _infer_request(
+    model: str,
+    named: Mapping[str, Any],
+    outputs: Outputs | None,
+    version: int | str | None,
+    priority: int | None,
+    request_id: str | None,
+    parameters: Mapping[str, ParamValue] | None,
+) -> pb.ModelInferRequest:
+    return build_request(
+        model, named, outputs=outputs, version=version, priority=priority, request_id=request_id, parameters=parameters
+    )
 
 
 def _needs_signature(inputs: Any) -> bool:

@@ -20,12 +20,17 @@ import asyncio
 import collections
 import concurrent.futures
 import itertools
+import logging
 import secrets
+from collections.abc import Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
-from tensorwire.client._convert import parse_response
+from tensorwire.client._convert import Inputs, Outputs, ParamValue, parse_response
+from tensorwire.client._core import ClientBase, Plan
 from tensorwire.client.errors import InferenceServerError, from_stream_message
 from tensorwire.proto import inference_pb2 as pb
+
+log = logging.getLogger("tensorwire.client")
 
 
 class _Future(Protocol):
@@ -130,3 +135,55 @@ def fail(futures: list[Any], error: BaseException) -> None:
                 future.set_exception(error)
             except _ALREADY_DONE:
                 pass
+
+
+class StreamBase(Generic[F]):
+    """What the blocking and the asyncio stream share: their settings, ledger and answer handling.
+
+    Subclasses do the I/O (threads or tasks) and guard ``_ledger`` their own way.
+    """
+
+    def __init__(
+        self,
+        client: ClientBase,
+        model: str,
+        *,
+        version: int | str | None,
+        outputs: Outputs | None,
+        max_in_flight: int,
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be >= 1")
+        self.model = model
+        self._client = client
+        self._version = version
+        self._outputs = outputs
+        self._max_in_flight = max_in_flight
+        self._ledger: StreamLedger[F] = StreamLedger()
+        self._error: InferenceServerError | None = None
+        self._closing = False
+
+    def _request_plan(
+        self,
+        inputs: Inputs | Any,
+        request_id: str | None,
+        priority: int | None,
+        parameters: Mapping[str, ParamValue] | None,
+    ) -> Plan[pb.ModelInferRequest | InferenceServerError]:
+        """The client core's plan for one request of this stream (see ``ClientBase._plan_stream_request``)."""
+        return self._client._plan_stream_request(
+            self.model, self._version, self._outputs, inputs, request_id, priority, parameters
+        )
+
+    def _settle(self, future: F | None, response: pb.ModelStreamInferResponse) -> None:
+        """Resolve ``future`` (taken from the ledger for ``response``); None: an answer nobody awaits."""
+        if future is None:
+            log.warning(
+                "stream for %r: an answer for request id %r, which awaits none; ignored",
+                self.model,
+                response.infer_response.id,
+            )
+            return
+        error = settle(future, response, self._client._bf16_as)
+        if error is not None:
+            self._client._note_failure(self.model, self._version, error)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -16,15 +15,13 @@ import grpc
 import grpc.aio
 
 from tensorwire.client._channel import stream_stub, unary_stubs
-from tensorwire.client._convert import Inputs, Outputs, ParamValue
+from tensorwire.client._convert import Inputs, Outputs, ParamValue, RepositoryParams
 from tensorwire.client._core import Attempt, ClientBase, Plan, Sleep
-from tensorwire.client._pairing import StreamLedger, fail, settle
+from tensorwire.client._pairing import StreamBase, fail
 from tensorwire.client.errors import InferenceServerError, RequestCancelledError, from_rpc_error
 from tensorwire.client.results import InferResult
 from tensorwire.client.sync import InferenceClient
 from tensorwire.proto import inference_pb2 as pb
-
-log = logging.getLogger("tensorwire.client")
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -195,7 +192,7 @@ class AsyncInferenceClient(ClientBase):
         self,
         model: str,
         *,
-        parameters: Mapping[str, bool | int | str | bytes] | None = None,
+        parameters: RepositoryParams | None = None,
         timeout: float | None = None,
     ) -> None:
         await self._drive(self._plan_load_model(model, parameters, timeout))
@@ -205,7 +202,7 @@ class AsyncInferenceClient(ClientBase):
         self,
         model: str,
         *,
-        parameters: Mapping[str, bool | int | str | bytes] | None = None,
+        parameters: RepositoryParams | None = None,
         timeout: float | None = None,
     ) -> None:
         await self._drive(self._plan_unload_model(model, parameters, timeout))
@@ -215,7 +212,7 @@ class AsyncInferenceClient(ClientBase):
         await self._drive(self._plan_wait_until_ready(model, timeout, interval))
 
 
-class AsyncInferStream:
+class AsyncInferStream(StreamBase[asyncio.Future[InferResult]]):
     """The asyncio twin of :class:`~tensorwire.client.sync.InferStream`.
 
     ``await submit(inputs)`` registers a request and returns an ``asyncio.Future``;
@@ -240,22 +237,14 @@ class AsyncInferStream:
         timeout: float | None,
         max_in_flight: int,
     ) -> None:
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be >= 1")
-        self.model = model
-        self._client = client
-        self._version = version
-        self._outputs = outputs
+        super().__init__(client, model, version=version, outputs=outputs, max_in_flight=max_in_flight)
+        self._client: AsyncInferenceClient = client
         self._timeout_s = timeout
-        self._max_in_flight = max_in_flight
         self._call: grpc.aio.StreamStreamCall | None = None
         self._reader: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
-        self._ledger: StreamLedger[asyncio.Future[InferResult]] = StreamLedger()
         self._outbox: asyncio.Queue[Any] = asyncio.Queue()
         self._window = asyncio.Semaphore(max_in_flight)
-        self._error: InferenceServerError | None = None
-        self._closing = False
 
     def _start(self) -> None:
         """Open the call and start its reader and writer (no await: nothing to cancel half way)."""
@@ -283,7 +272,7 @@ class AsyncInferStream:
             return  # the call is over: the reader reports why and fails what is pending
 
     async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
-        ledger, window, client, bf16_as = self._ledger, self._window, self._client, self._client._bf16_as
+        ledger, window = self._ledger, self._window
         failure: InferenceServerError | None = None
         try:
             while True:
@@ -291,17 +280,9 @@ class AsyncInferStream:
                 if response is grpc.aio.EOF:
                     break
                 future = ledger.take(response)
-                if future is None:
-                    log.warning(
-                        "stream for %r: an answer for request id %r, which awaits none; ignored",
-                        self.model,
-                        response.infer_response.id,
-                    )
-                    continue
-                window.release()
-                error = settle(future, response, bf16_as)
-                if error is not None:
-                    client._note_failure(self.model, self._version, error)
+                if future is not None:
+                    window.release()
+                self._settle(future, response)
         except grpc.RpcError as error:
             failure = from_rpc_error(error)
         except asyncio.CancelledError:
@@ -330,11 +311,7 @@ class AsyncInferStream:
         requests await answers; cancelling the wait sends nothing.
         """
         self._start()
-        client = self._client
-        plan = client._plan_stream_request(
-            self.model, self._version, self._outputs, inputs, request_id, priority, parameters
-        )
-        request = await client._drive(plan)
+        request = await self._client._drive(self._request_plan(inputs, request_id, priority, parameters))
         loop = asyncio.get_running_loop()
         if isinstance(request, InferenceServerError):
             failed: asyncio.Future[InferResult] = loop.create_future()

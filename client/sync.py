@@ -8,7 +8,6 @@ casting, deadlines, retries, errors, decoding) is the core's.
 from __future__ import annotations
 
 import collections
-import logging
 import queue
 import threading
 import time
@@ -19,14 +18,12 @@ from typing import Any, TypeVar
 import grpc
 
 from tensorwire.client._channel import stream_stub, unary_stubs
-from tensorwire.client._convert import Inputs, Outputs, ParamValue
+from tensorwire.client._convert import Inputs, Outputs, ParamValue, RepositoryParams
 from tensorwire.client._core import Attempt, ClientBase, Plan, Sleep
-from tensorwire.client._pairing import StreamLedger, fail, settle
+from tensorwire.client._pairing import StreamBase, fail
 from tensorwire.client.errors import InferenceServerError, RequestCancelledError, from_rpc_error
 from tensorwire.client.results import InferResult
 from tensorwire.proto import inference_pb2 as pb
-
-log = logging.getLogger("tensorwire.client")
 
 T = TypeVar("T")
 _CLOSE = object()
@@ -252,7 +249,7 @@ class InferenceClient(ClientBase):
         self,
         model: str,
         *,
-        parameters: Mapping[str, bool | int | str | bytes] | None = None,
+        parameters: RepositoryParams | None = None,
         timeout: float | None = None,
     ) -> None:
         """Load (or reload) a model from the server's repository; returns once it is loaded.
@@ -266,7 +263,7 @@ class InferenceClient(ClientBase):
         self,
         model: str,
         *,
-        parameters: Mapping[str, bool | int | str | bytes] | None = None,
+        parameters: RepositoryParams | None = None,
         timeout: float | None = None,
     ) -> None:
         """Unload a model; requests it already accepted still finish. Raises ModelNotFoundError if unknown."""
@@ -280,7 +277,7 @@ class InferenceClient(ClientBase):
         self._drive(self._plan_wait_until_ready(model, timeout, interval))
 
 
-class InferStream:
+class InferStream(StreamBase[Future[InferResult]]):
     """A pipelined ``ModelStreamInfer`` call: many requests on one HTTP/2 stream, answers in order.
 
     ``map(inputs)`` sends from an iterable and yields one ``concurrent.futures.Future``
@@ -314,20 +311,10 @@ class InferStream:
         timeout: float | None,
         max_in_flight: int,
     ) -> None:
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be >= 1")
-        self.model = model
-        self._client = client
-        self._version = version
-        self._outputs = outputs
-        self._bf16_as = client._bf16_as
-        self._max_in_flight = max_in_flight
+        super().__init__(client, model, version=version, outputs=outputs, max_in_flight=max_in_flight)
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._ledger: StreamLedger[Future[InferResult]] = StreamLedger()
-        self._state = threading.Condition()  # guards the fields below; notified when answers arrive
+        self._state = threading.Condition()  # guards the ledger and the flags; notified when answers arrive
         self._read_lock = threading.Lock()  # held by whoever is reading the next answer
-        self._error: InferenceServerError | None = None
-        self._closing = False
         self._finished = False
         self._reader: threading.Thread | None = None
         self._call = client._stream_stub(self._request_iterator(), timeout=timeout, metadata=client._spec.metadata)
@@ -350,10 +337,7 @@ class InferStream:
         priority: int | None,
         parameters: Mapping[str, ParamValue] | None,
     ) -> pb.ModelInferRequest | InferenceServerError:
-        plan = self._client._plan_stream_request(
-            self.model, self._version, self._outputs, inputs, request_id, priority, parameters
-        )
-        return self._client._drive(plan)
+        return self._client._drive(self._request_plan(inputs, request_id, priority, parameters))
 
     def _enqueue(self, request: pb.ModelInferRequest, future: Future[InferResult]) -> None:
         """Register and queue a request for sending (caller holds ``_state``); refuse on a closed stream.
@@ -383,16 +367,7 @@ class InferStream:
         with self._state:
             future = self._ledger.take(response)
             self._state.notify_all()
-        if future is None:
-            log.warning(
-                "stream for %r: an answer for request id %r, which awaits none; ignored",
-                self.model,
-                response.infer_response.id,
-            )
-            return
-        error = settle(future, response, self._bf16_as)
-        if error is not None:
-            self._client._note_failure(self.model, self._version, error)
+        self._settle(future, response)
 
     def _finish(self, failure: InferenceServerError) -> None:
         """The stream is over: fail whatever is still pending with ``failure``."""
