@@ -75,6 +75,7 @@ class KeepAlive:
     permit_without_calls: bool = False
 
     def options(self) -> list[tuple[str, Any]]:
+        """The gRPC channel options for these settings (milliseconds, as gRPC takes them)."""
         return [
             ("grpc.keepalive_time_ms", int(self.time_s * 1000)),
             ("grpc.keepalive_timeout_ms", int(self.timeout_s * 1000)),
@@ -191,11 +192,13 @@ class ChannelSpec:
     metadata: tuple[tuple[str, str], ...] | None
 
     def open_sync(self) -> grpc.Channel:
+        """A blocking ``grpc.Channel`` to the target (it connects lazily, at the first call)."""
         if self.credentials is None:
             return grpc.insecure_channel(self.target, options=self.options, compression=self.compression)
         return grpc.secure_channel(self.target, self.credentials, options=self.options, compression=self.compression)
 
     def open_aio(self) -> grpc.aio.Channel:
+        """A ``grpc.aio.Channel`` to the target, bound to the running event loop."""
         if self.credentials is None:
             return grpc.aio.insecure_channel(self.target, options=self.options, compression=self.compression)
         return grpc.aio.secure_channel(
@@ -216,7 +219,12 @@ def channel_spec(
     options: Sequence[tuple[str, Any]],
     user_agent: str,
 ) -> ChannelSpec:
-    """Turn the client's keyword arguments into a :class:`ChannelSpec`."""
+    """Turn the client's keyword arguments into a :class:`ChannelSpec` (arguments as in ``ClientBase``).
+
+    Raises ValueError for an empty address list, a port that is not a number, a host that
+    cannot be resolved (several addresses only) or unknown compression; OSError when a TLS
+    file cannot be read.
+    """
     addresses = split_addresses(address)
     target, tls_name = build_target(addresses)
     if load_balancing is None and len(addresses) > 1:

@@ -76,7 +76,15 @@ def repository_param(value: bool | int | str | bytes) -> pb.ModelRepositoryParam
 
 
 def encode(name: str, value: Any) -> tuple[str, list[int], bytes]:
-    """One input as (datatype, shape, raw bytes) via the codec; bad inputs raise InvalidInputError."""
+    """One input as ``(datatype, shape, raw bytes)`` via the codec.
+
+    ``value`` is an array of the input's full shape (or anything ``np.asarray`` takes), or a
+    :class:`Tensor` naming its datatype. No casting rule here: the datatype is the value's own
+    or the Tensor's (the client core fits values to the model's datatypes before this).
+
+    Raises:
+        InvalidInputError: the value has no v2 datatype, or the Tensor's datatype cannot hold it.
+    """
     datatype: str | None = None
     if type(value) is Tensor:
         value, datatype = value.data, value.datatype
@@ -104,7 +112,14 @@ def build_request(
     request_id: str | None = None,
     parameters: Mapping[str, ParamValue] | None = None,
 ) -> pb.ModelInferRequest:
-    """A ``ModelInferRequest`` with every tensor in ``raw_input_contents``."""
+    """A ``ModelInferRequest`` with every tensor in ``raw_input_contents`` (arguments as in ``infer``).
+
+    ``inputs`` maps names to values already fitted to the model (see :func:`encode`).
+
+    Raises:
+        InvalidInputError: no model name, an input that cannot be encoded, a parameter value
+            that is not bool/int/float/str (or an int past uint64), a negative priority.
+    """
     if not isinstance(model, str) or not model:
         raise InvalidInputError("a model name is required")
     request = pb.ModelInferRequest(model_name=model)
@@ -140,7 +155,11 @@ def build_request(
 
 
 def parse_response(response: pb.ModelInferResponse, bf16_as: str = "float32") -> InferResult:
-    """An ``InferResult`` from a response: raw contents zero-copy, typed contents as a fallback."""
+    """An ``InferResult`` from a response: raw contents zero-copy, typed contents as a fallback.
+
+    ``bf16_as`` as in the client's constructor. Raises InternalServerError when the response
+    breaks the protocol (byte counts that do not match shapes, unknown datatypes).
+    """
     arrays: dict[str, np.ndarray] = {}
     datatypes: dict[str, str] = {}
     raws = response.raw_output_contents

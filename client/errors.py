@@ -76,6 +76,7 @@ class ServerBusyError(InferenceServerError):
 
     @property
     def retry_after(self) -> float | None:
+        """Seconds the server asked the client to wait before trying again; None without a valid hint."""
         return pushback_s(self.trailing_metadata)
 
 
@@ -168,7 +169,11 @@ def _metadata(value: Any) -> tuple[tuple[str, str | bytes], ...]:
 
 
 def from_rpc_error(error: grpc.RpcError) -> InferenceServerError:
-    """Translate a ``grpc.RpcError`` (sync) or ``grpc.aio.AioRpcError`` into our hierarchy."""
+    """Translate a ``grpc.RpcError`` (sync) or ``grpc.aio.AioRpcError`` into our hierarchy.
+
+    The subclass follows the status code (:func:`error_class`); details, trailing metadata
+    (pushback included) and gRPC's debug string are kept.
+    """
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else None
     if code is grpc.StatusCode.CANCELLED:

@@ -159,9 +159,16 @@ class RetryPolicy:
     """How a client retries; see the module docstring for what is retried and why.
 
     ``max_attempts`` counts the first try (1 disables retries). Back-off for attempt
-    ``n`` is ``min(max_backoff, initial_backoff * multiplier**(n-1))`` times a random
-    factor in ``[1 - jitter, 1]``. The budget is ``budget_ratio`` retries per request
+    ``n`` is ``min(max_backoff, initial_backoff * multiplier**(n-1))`` seconds times a
+    random factor in ``[1 - jitter, 1]`` (``initial_backoff`` and ``max_backoff`` are
+    seconds; ``jitter`` a fraction). The budget is ``budget_ratio`` retries per request
     plus ``budget_min_per_second`` over ``budget_window_s`` seconds, per client.
+    ``retry_server_unavailable`` also retries UNAVAILABLE answered by the server (loading,
+    draining). ``initial_backoff`` and ``max_backoff`` also set the channel's reconnect
+    back-off (at least 0.1 s and 1 s).
+
+    Raises ValueError for ``max_attempts`` < 1, negative or inverted back-offs, a
+    multiplier below 1 or a jitter outside [0, 1].
     """
 
     max_attempts: int = 5
