@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from tensorwire.client._convert import datatype_for
 from tensorwire.client.errors import InvalidInputError
 from tensorwire.client.results import Tensor
 from tensorwire.proto import codec
@@ -130,7 +131,7 @@ def conform(name: str, value: Any, datatype: str) -> Any:
     if datatype not in codec.NUMPY_DTYPES:
         return value
     try:
-        own = codec.datatype_of(array)
+        own = datatype_for(array)
     except codec.CodecError:
         return value
     if own == datatype:

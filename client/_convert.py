@@ -75,6 +75,19 @@ def repository_param(value: bool | int | str | bytes) -> pb.ModelRepositoryParam
     raise InvalidInputError(f"repository parameters must be bool, int, str or bytes, not {type(value).__name__}")
 
 
+def datatype_for(array: np.ndarray) -> str:
+    """``codec.datatype_of(array)``, remembered per dtype (the hot path asks once per input per call).
+
+    Raises codec.CodecError for a dtype without a v2 datatype.
+    """
+    datatype = _DATATYPE_OF.get(array.dtype)
+    if datatype is None:
+        datatype = codec.datatype_of(array)
+        if array.dtype.kind not in "OSUV":  # flexible dtypes vary by width: don't cache
+            _DATATYPE_OF[array.dtype] = datatype
+    return datatype
+
+
 def encode(name: str, value: Any) -> tuple[str, list[int], bytes]:
     """One input as ``(datatype, shape, raw bytes)`` via the codec.
 
@@ -92,11 +105,7 @@ def encode(name: str, value: Any) -> tuple[str, list[int], bytes]:
         if datatype is None:
             if type(value) is not np.ndarray:
                 value = np.asarray(value)
-            datatype = _DATATYPE_OF.get(value.dtype)
-            if datatype is None:
-                datatype = codec.datatype_of(value)
-                if value.dtype.kind not in "OSUV":  # flexible dtypes vary by width: don't cache
-                    _DATATYPE_OF[value.dtype] = datatype
+            datatype = datatype_for(value)
         return codec.encode_raw(value, datatype)
     except (codec.CodecError, ValueError, TypeError, OverflowError) as error:
         raise InvalidInputError(f"input {name!r}: {error}") from None

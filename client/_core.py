@@ -241,7 +241,8 @@ class ClientBase:
         else:
             signature = Signature.of(metadata)
         if len(self._signatures) >= SIGNATURE_CACHE_SIZE:
-            self._signatures.pop(next(iter(self._signatures)), None)
+            for oldest in list(self._signatures)[:1]:  # a copy: other threads may change the dict meanwhile
+                self._signatures.pop(oldest, None)
         self._signatures[key] = signature
         return signature
 
@@ -274,8 +275,10 @@ class ClientBase:
         """
         if not _needs_signature(inputs):
             return inputs, None
-        cached = (model, version) in self._signatures
-        signature = yield from self._signature(model, version, deadline)
+        signature = self._signatures.get((model, version), _MISSING)
+        cached = signature is not _MISSING
+        if not cached:
+            signature = yield from self._signature(model, version, deadline)
         try:
             return _fit(model, inputs, signature), signature if cached else None
         except InvalidInputError:
@@ -409,8 +412,10 @@ class ClientBase:
             self._forget_model(model)
 
     def _forget_model(self, model: str) -> None:
-        for key in [key for key in self._signatures if key[0] == model]:
-            self._signatures.pop(key, None)
+        """Drop every cached signature of ``model`` (all versions)."""
+        for key in list(self._signatures):  # a copy: other threads may change the dict meanwhile
+            if key[0] == model:
+                self._signatures.pop(key, None)
 
     def _plan_wait_until_ready(self, model: str | None, timeout: float, interval: float) -> Plan[None]:
         clock = self._retrier.clock
@@ -451,7 +456,10 @@ def _needs_signature(inputs: Any) -> bool:
     """Whether fitting ``inputs`` needs the model's metadata (a bare value, or any datatype left implicit)."""
     if not isinstance(inputs, Mapping):
         return True
-    return not all(type(value) is Tensor and value.datatype is not None for value in inputs.values())
+    for value in inputs.values():
+        if type(value) is not Tensor or value.datatype is None:
+            return True
+    return False
 
 
 def _fit(model: str, inputs: Any, signature: Signature | None) -> Mapping[str, Any]:
