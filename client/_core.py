@@ -86,9 +86,9 @@ class Attempt:
 
 @dataclass(frozen=True, slots=True)
 class Sleep:
-    """Effect: wait ``seconds`` before going on."""
+    """Effect: wait ``delay_s`` seconds before going on."""
 
-    seconds: float
+    delay_s: float
 
 
 #: A plan: yields effects, receives each Attempt's outcome (response or grpc.RpcError), returns T.
@@ -420,13 +420,13 @@ class ClientBase:
     def _plan_wait_until_ready(self, model: str | None, timeout: float, interval: float) -> Plan[None]:
         clock = self._retrier.clock
         deadline = clock() + timeout
-        probe_timeout = max(interval, 1.0)
+        probe_timeout_s = max(interval, 1.0)
         last: Exception | None = None
         while True:
             try:
-                ready = yield from self._plan_server_ready(probe_timeout)
+                ready = yield from self._plan_server_ready(probe_timeout_s)
                 if ready and model is not None:
-                    ready = yield from self._plan_model_ready(model, None, probe_timeout)
+                    ready = yield from self._plan_model_ready(model, None, probe_timeout_s)
                 if ready:
                     return
             except InferenceServerError as error:

@@ -93,7 +93,7 @@ class AsyncInferenceClient(ClientBase):
             effect = next(plan)
             while True:
                 if type(effect) is Sleep:
-                    await asyncio.sleep(effect.seconds)
+                    await asyncio.sleep(effect.delay_s)
                     effect = plan.send(None)
                 else:
                     effect = plan.send(await self._attempt(effect))

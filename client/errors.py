@@ -209,10 +209,10 @@ def pushback_s(trailing_metadata: Iterable[tuple[str, str | bytes]]) -> float | 
         if key == PUSHBACK_KEY:
             text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
             try:
-                millis = int(text.strip())
+                pushback_ms = int(text.strip())
             except ValueError:
                 return None
-            return millis / 1000.0 if millis >= 0 else None
+            return pushback_ms / 1000.0 if pushback_ms >= 0 else None
     return None
 
 

@@ -80,7 +80,7 @@ class InferenceClient(ClientBase):
             effect = next(plan)
             while True:
                 if type(effect) is Sleep:
-                    time.sleep(effect.seconds)
+                    time.sleep(effect.delay_s)
                     effect = plan.send(None)
                 else:
                     effect = plan.send(self._attempt(effect))
