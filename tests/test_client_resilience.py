@@ -16,7 +16,7 @@ from concurrent import futures
 import grpc
 import numpy as np
 import pytest
-from client_models import small_repo
+from client_models import in_process_server, small_repo
 from model_factory import sleeper_model
 from serving import free_port, running_server
 
@@ -253,7 +253,6 @@ def test_a_call_the_server_may_have_run_is_never_retried():
     """
     ran: list[str] = []
     started = threading.Event()
-    method = METHODS["ModelInfer"]
 
     def serve(port: int, name: str, sleep_s: float) -> tuple[grpc.Server, int]:
         def infer(request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
@@ -262,15 +261,7 @@ def test_a_call_the_server_may_have_run_is_never_retried():
             time.sleep(sleep_s)
             return pb.ModelInferResponse(model_name=request.model_name)
 
-        handler = grpc.unary_unary_rpc_method_handler(
-            infer, request_deserializer=method.request.FromString,
-            response_serializer=method.response.SerializeToString,
-        )
-        server = grpc.server(futures.ThreadPoolExecutor(4))
-        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, {"ModelInfer": handler})])
-        bound = server.add_insecure_port(f"127.0.0.1:{port}")
-        server.start()
-        return server, bound
+        return in_process_server({"ModelInfer": infer}, port)
 
     first, port = serve(0, "first", 3.0)
     policy = RetryPolicy(max_attempts=10, initial_backoff=0.05, max_backoff=0.2, retry_server_unavailable=True)

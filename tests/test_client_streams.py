@@ -11,16 +11,15 @@ import asyncio
 from collections.abc import Iterator
 from concurrent import futures
 
-import grpc
 import numpy as np
 import pytest
+from client_models import in_process_server
 from model_factory import executed_ids, sleeper_model
 from serving import running_server
 
 from tensorwire.client import AsyncInferenceClient, InferenceClient
 from tensorwire.client._pairing import StreamLedger
 from tensorwire.proto import inference_pb2 as pb
-from tensorwire.proto.service import METHODS, SERVICE_NAME
 
 
 def item(i: int, sleep_ms: float = 0.0) -> dict:
@@ -139,18 +138,7 @@ class ShuffledStreamServer:
 
     def __init__(self, group: int, echo_ids: bool) -> None:
         self.group, self.echo_ids = group, echo_ids
-        stream = METHODS["ModelStreamInfer"]
-        handler = grpc.stream_stream_rpc_method_handler(
-            self._stream,
-            request_deserializer=stream.request.FromString,
-            response_serializer=stream.response.SerializeToString,
-        )
-        self.server = grpc.server(futures.ThreadPoolExecutor(4))
-        self.server.add_generic_rpc_handlers(
-            [grpc.method_handlers_generic_handler(SERVICE_NAME, {"ModelStreamInfer": handler})]
-        )
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.server.start()
+        self.server, self.port = in_process_server({"ModelStreamInfer": self._stream})
 
     def _answer(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
         response = pb.ModelInferResponse(model_name=request.model_name, id=request.id if self.echo_ids else "")
