@@ -8,11 +8,17 @@ numpy in, numpy out::
     with InferenceClient("127.0.0.1:8001") as client:
         result = client.infer("identity", {"INPUT0": np.ones((1, 16), np.float32)})
         print(result["OUTPUT0"])
+        client.infer("digits_cnn", np.zeros((1, 1, 8, 8)))  # a single-input model takes a bare value
 
-The same surface exists for asyncio (:class:`AsyncInferenceClient`, every method a
-coroutine). Streaming (:meth:`InferenceClient.stream`) pipelines many requests on
-one ``ModelStreamInfer`` call. Errors are :class:`InferenceServerError` subclasses
-mapped from gRPC status codes; retries (:class:`RetryPolicy`) happen only where safe.
+Inputs are fitted to the datatypes the model declares by one rule, never lossy without
+asking (``tensorwire.client._casting``): float64 zeros become FP32, 0.1 stays 0.1, a value
+that would change raises :class:`InvalidInputError` naming the explicit form
+(``Tensor(x, "FP32")``). The same surface exists for asyncio
+(:class:`AsyncInferenceClient`, every method a coroutine). Streaming
+(:meth:`InferenceClient.stream`) pipelines many requests on one ``ModelStreamInfer``
+call, each paired with its answer by request id. Errors are :class:`InferenceServerError`
+subclasses mapped from gRPC status codes; retries (:class:`RetryPolicy`) happen only
+where safe. Timeouts are seconds.
 
 This package needs only grpcio, protobuf and numpy: it never imports the server,
 the trainer, torch or onnxruntime.

@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 
 from tensorwire.client.retry import RetryPolicy
+from tensorwire.proto.service import METHODS
 
 #: 2 GiB - 1 on both sides by default, as the server's (gRPC's 4 MiB default trips real models).
 DEFAULT_MAX_MESSAGE_BYTES = 2**31 - 1
@@ -74,6 +75,7 @@ class KeepAlive:
     permit_without_calls: bool = False
 
     def options(self) -> list[tuple[str, Any]]:
+        """The gRPC channel options for these settings (milliseconds, as gRPC takes them)."""
         return [
             ("grpc.keepalive_time_ms", int(self.time_s * 1000)),
             ("grpc.keepalive_timeout_ms", int(self.timeout_s * 1000)),
@@ -190,13 +192,13 @@ class ChannelSpec:
     metadata: tuple[tuple[str, str], ...] | None
 
     def open_sync(self) -> grpc.Channel:
+        """A blocking ``grpc.Channel`` to the target (it connects lazily, at the first call)."""
         if self.credentials is None:
             return grpc.insecure_channel(self.target, options=self.options, compression=self.compression)
-        return grpc.secure_channel(
-            self.target, self.credentials, options=self.options, compression=self.compression
-        )
+        return grpc.secure_channel(self.target, self.credentials, options=self.options, compression=self.compression)
 
     def open_aio(self) -> grpc.aio.Channel:
+        """A ``grpc.aio.Channel`` to the target, bound to the running event loop."""
         if self.credentials is None:
             return grpc.aio.insecure_channel(self.target, options=self.options, compression=self.compression)
         return grpc.aio.secure_channel(
@@ -217,7 +219,12 @@ def channel_spec(
     options: Sequence[tuple[str, Any]],
     user_agent: str,
 ) -> ChannelSpec:
-    """Turn the client's keyword arguments into a :class:`ChannelSpec`."""
+    """Turn the client's keyword arguments into a :class:`ChannelSpec` (arguments as in ``ClientBase``).
+
+    Raises ValueError for an empty address list, a port that is not a number, a host that
+    cannot be resolved (several addresses only) or unknown compression; OSError when a TLS
+    file cannot be read.
+    """
     addresses = split_addresses(address)
     target, tls_name = build_target(addresses)
     if load_balancing is None and len(addresses) > 1:
@@ -246,3 +253,30 @@ def channel_spec(
     opts += list(options)
     metadata = (("authorization", f"Bearer {token}"),) if token else None
     return ChannelSpec(target, tuple(opts), credentials, compression_of(compression), metadata)
+
+
+def unary_stubs(channel: Any) -> dict[str, Any]:
+    """Callables for every unary method of the v2 service, by short name (``"ModelInfer"``, ...).
+
+    ``channel`` is a ``grpc.Channel`` or a ``grpc.aio.Channel``: both build their callables the
+    same way, for the standard wire path ``/inference.GRPCInferenceService/<Method>``.
+    """
+    return {
+        name: channel.unary_unary(
+            method.path,
+            request_serializer=method.request.SerializeToString,
+            response_deserializer=method.response.FromString,
+        )
+        for name, method in METHODS.items()
+        if not method.client_streaming and not method.server_streaming
+    }
+
+
+def stream_stub(channel: Any) -> Any:
+    """The ``ModelStreamInfer`` callable (bidirectional) for a sync or asyncio channel."""
+    stream = METHODS["ModelStreamInfer"]
+    return channel.stream_stream(
+        stream.path,
+        request_serializer=stream.request.SerializeToString,
+        response_deserializer=stream.response.FromString,
+    )

@@ -21,6 +21,8 @@ from tensorwire.proto import inference_pb2 as pb
 #: Inputs: name -> array (or anything np.asarray takes) or a Tensor with an explicit datatype.
 Inputs = Mapping[str, Any]
 ParamValue = bool | int | float | str
+#: Repository load/unload parameters: name -> bool, int, str or bytes.
+RepositoryParams = Mapping[str, bool | int | str | bytes]
 #: Requested outputs: names, or name -> per-output parameters.
 Outputs = Sequence[str] | Mapping[str, Mapping[str, ParamValue]]
 
@@ -70,13 +72,32 @@ def repository_param(value: bool | int | str | bytes) -> pb.ModelRepositoryParam
         return pb.ModelRepositoryParameter(string_param=value)
     if isinstance(value, bytes | bytearray):
         return pb.ModelRepositoryParameter(bytes_param=bytes(value))
-    raise InvalidInputError(
-        f"repository parameters must be bool, int, str or bytes, not {type(value).__name__}"
-    )
+    raise InvalidInputError(f"repository parameters must be bool, int, str or bytes, not {type(value).__name__}")
+
+
+def datatype_for(array: np.ndarray) -> str:
+    """``codec.datatype_of(array)``, remembered per dtype (the hot path asks once per input per call).
+
+    Raises codec.CodecError for a dtype without a v2 datatype.
+    """
+    datatype = _DATATYPE_OF.get(array.dtype)
+    if datatype is None:
+        datatype = codec.datatype_of(array)
+        if array.dtype.kind not in "OSUV":  # flexible dtypes vary by width: don't cache
+            _DATATYPE_OF[array.dtype] = datatype
+    return datatype
 
 
 def encode(name: str, value: Any) -> tuple[str, list[int], bytes]:
-    """One input as (datatype, shape, raw bytes) via the codec; bad inputs raise InvalidInputError."""
+    """One input as ``(datatype, shape, raw bytes)`` via the codec.
+
+    ``value`` is an array of the input's full shape (or anything ``np.asarray`` takes), or a
+    :class:`Tensor` naming its datatype. No casting rule here: the datatype is the value's own
+    or the Tensor's (the client core fits values to the model's datatypes before this).
+
+    Raises:
+        InvalidInputError: the value has no v2 datatype, or the Tensor's datatype cannot hold it.
+    """
     datatype: str | None = None
     if type(value) is Tensor:
         value, datatype = value.data, value.datatype
@@ -84,11 +105,7 @@ def encode(name: str, value: Any) -> tuple[str, list[int], bytes]:
         if datatype is None:
             if type(value) is not np.ndarray:
                 value = np.asarray(value)
-            datatype = _DATATYPE_OF.get(value.dtype)
-            if datatype is None:
-                datatype = codec.datatype_of(value)
-                if value.dtype.kind not in "OSUV":  # flexible dtypes vary by width: don't cache
-                    _DATATYPE_OF[value.dtype] = datatype
+            datatype = datatype_for(value)
         return codec.encode_raw(value, datatype)
     except (codec.CodecError, ValueError, TypeError, OverflowError) as error:
         raise InvalidInputError(f"input {name!r}: {error}") from None
@@ -104,7 +121,14 @@ def build_request(
     request_id: str | None = None,
     parameters: Mapping[str, ParamValue] | None = None,
 ) -> pb.ModelInferRequest:
-    """A ``ModelInferRequest`` with every tensor in ``raw_input_contents``."""
+    """A ``ModelInferRequest`` with every tensor in ``raw_input_contents`` (arguments as in ``infer``).
+
+    ``inputs`` maps names to values already fitted to the model (see :func:`encode`).
+
+    Raises:
+        InvalidInputError: no model name, an input that cannot be encoded, a parameter value
+            that is not bool/int/float/str (or an int past uint64), a negative priority.
+    """
     if not isinstance(model, str) or not model:
         raise InvalidInputError("a model name is required")
     request = pb.ModelInferRequest(model_name=model)
@@ -140,7 +164,11 @@ def build_request(
 
 
 def parse_response(response: pb.ModelInferResponse, bf16_as: str = "float32") -> InferResult:
-    """An ``InferResult`` from a response: raw contents zero-copy, typed contents as a fallback."""
+    """An ``InferResult`` from a response: raw contents zero-copy, typed contents as a fallback.
+
+    ``bf16_as`` as in the client's constructor. Raises InternalServerError when the response
+    breaks the protocol (byte counts that do not match shapes, unknown datatypes).
+    """
     arrays: dict[str, np.ndarray] = {}
     datatypes: dict[str, str] = {}
     raws = response.raw_output_contents

@@ -1,42 +1,53 @@
-"""The asyncio client: ``AsyncInferenceClient`` and ``AsyncInferStream``, the blocking client's twin."""
+"""The asyncio client: ``AsyncInferenceClient`` and ``AsyncInferStream``, the blocking client's twin.
+
+Each method hands the same plan as its blocking twin (from :mod:`tensorwire.client._core`)
+to an ``await``-ing driver, and shares its twin's docstring: one behaviour, documented once.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import logging
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
-from typing import Any
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
-from google.protobuf.message import Message
 
-from tensorwire.client._base import ClientBase
-from tensorwire.client._convert import Inputs, Outputs, ParamValue, build_request, parse_response
-from tensorwire.client.errors import (
-    InferenceServerError,
-    RequestCancelledError,
-    UnavailableError,
-    from_rpc_error,
-    from_stream_message,
-)
+from tensorwire.client._channel import stream_stub, unary_stubs
+from tensorwire.client._convert import Inputs, Outputs, ParamValue, RepositoryParams
+from tensorwire.client._core import Attempt, ClientBase, Plan, Sleep
+from tensorwire.client._pairing import StreamBase, fail
+from tensorwire.client.errors import InferenceServerError, RequestCancelledError, from_rpc_error
 from tensorwire.client.results import InferResult
+from tensorwire.client.sync import InferenceClient
 from tensorwire.proto import inference_pb2 as pb
-from tensorwire.proto.service import METHODS
 
-log = logging.getLogger("tensorwire.client")
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+_CLOSE = object()
+
+
+def _doc_of(twin: Callable[..., Any]) -> Callable[[F], F]:
+    """Give a coroutine method its blocking twin's docstring (the behaviour is the same)."""
+
+    def apply(method: F) -> F:
+        method.__doc__ = twin.__doc__
+        return method
+
+    return apply
 
 
 class AsyncInferenceClient(ClientBase):
-    """An asyncio client with the same methods as :class:`InferenceClient`, as coroutines.
+    """An asyncio client with the same methods as :class:`InferenceClient`, each a coroutine.
 
     >>> async with AsyncInferenceClient("127.0.0.1:8001") as client:
     ...     result = await client.infer("identity", {"INPUT0": np.ones((1, 16), np.float32)})
 
-    The channel is opened on first use, inside the running event loop (gRPC's asyncio
-    channels belong to one loop); use one client per loop. Many concurrent calls
-    (``asyncio.gather``) share its connection.
+    Arguments, return values, exceptions and units are those of the blocking client (the
+    docstrings are shared). The channel is opened on first use, inside the running event
+    loop (gRPC's asyncio channels belong to one loop): use one client per loop. Many
+    concurrent calls (``asyncio.gather``) share its connection.
     """
 
     def _setup(self) -> None:
@@ -49,21 +60,8 @@ class AsyncInferenceClient(ClientBase):
         if self._closed:
             raise RequestCancelledError("the client is closed")
         channel = self._spec.open_aio()
-        self._stubs = {
-            name: channel.unary_unary(
-                method.path,
-                request_serializer=method.request.SerializeToString,
-                response_deserializer=method.response.FromString,
-            )
-            for name, method in METHODS.items()
-            if not method.client_streaming and not method.server_streaming
-        }
-        stream = METHODS["ModelStreamInfer"]
-        self._stream_stub = channel.stream_stream(
-            stream.path,
-            request_serializer=stream.request.SerializeToString,
-            response_deserializer=stream.response.FromString,
-        )
+        self._stubs = unary_stubs(channel)
+        self._stream_stub = stream_stub(channel)
         self._channel = channel
         return channel
 
@@ -87,38 +85,39 @@ class AsyncInferenceClient(ClientBase):
     def __repr__(self) -> str:
         return f"AsyncInferenceClient({self.target!r})"
 
-    # ----------------------------------------------------------- the engine
+    # ----------------------------------------------------------- the driver
 
-    async def _unary(self, method: str, request: Message, timeout: float | None) -> Any:
-        """One unary call with the client's metadata, deadline and retry policy."""
+    async def _drive(self, plan: Plan[T]) -> T:
+        """Run a plan of the client core: await its calls and back-offs, return its value."""
+        try:
+            effect = next(plan)
+            while True:
+                if type(effect) is Sleep:
+                    await asyncio.sleep(effect.delay_s)
+                    effect = plan.send(None)
+                else:
+                    effect = plan.send(await self._attempt(effect))
+        except StopIteration as done:
+            return done.value
+
+    async def _attempt(self, attempt: Attempt) -> Any:
+        """One call: the response message, or the grpc.RpcError it failed with (returned, not raised)."""
         if self._channel is None:
             self._open()
-        stub = self._stubs[method]
-        retrier = self._retrier
-        timeout = self._timeout if timeout is None else timeout
-        deadline = None if timeout is None else retrier.clock() + timeout
-        metadata = self._spec.metadata
-        retrier.budget.record_request()
-        attempt = 1
-        while True:
-            try:
-                return await stub(request, timeout=retrier.remaining(deadline), metadata=metadata)
-            except grpc.RpcError as error:
-                code, details = error.code(), error.details()
-                trailing = error.trailing_metadata() or ()
-                delay = retrier.next_delay(code, details, tuple(trailing), attempt, deadline)
-                if delay is None:
-                    raise from_rpc_error(error) from None
-            log.debug("%s failed (%s: %s); retry %d in %.3fs", method, code, details, attempt, delay)
-            await asyncio.sleep(delay)
-            attempt += 1
+        try:
+            return await self._stubs[attempt.method](
+                attempt.request, timeout=attempt.timeout_s, metadata=self._spec.metadata
+            )
+        except grpc.RpcError as error:
+            return error
 
     # ------------------------------------------------------------ inference
 
+    @_doc_of(InferenceClient.infer)
     async def infer(
         self,
         model: str,
-        inputs: Inputs,
+        inputs: Inputs | Any,
         *,
         outputs: Outputs | None = None,
         version: int | str | None = None,
@@ -127,13 +126,10 @@ class AsyncInferenceClient(ClientBase):
         request_id: str | None = None,
         parameters: Mapping[str, ParamValue] | None = None,
     ) -> InferResult:
-        """Run one inference; see :meth:`InferenceClient.infer`."""
-        request = build_request(
-            model, inputs, outputs=outputs, version=version, priority=priority,
-            request_id=request_id, parameters=parameters,
-        )
-        return parse_response(await self._unary("ModelInfer", request, timeout), self._bf16_as)
+        plan = self._plan_infer(model, inputs, outputs, version, timeout, priority, request_id, parameters)
+        return await self._drive(plan)
 
+    @_doc_of(InferenceClient.stream)
     def stream(
         self,
         model: str,
@@ -143,103 +139,92 @@ class AsyncInferenceClient(ClientBase):
         timeout: float | None = None,
         max_in_flight: int = 128,
     ) -> AsyncInferStream:
-        """A pipelined ``ModelStreamInfer`` stream; use ``async with client.stream(model) as s``."""
-        return AsyncInferStream(self, model, version=version, outputs=outputs, timeout=timeout,
-                                max_in_flight=max_in_flight)
+        return AsyncInferStream(
+            self, model, version=version, outputs=outputs, timeout=timeout, max_in_flight=max_in_flight
+        )
 
     # --------------------------------------------------- health and metadata
 
+    @_doc_of(InferenceClient.server_live)
     async def server_live(self, *, timeout: float | None = None) -> bool:
-        """Whether the server process is up."""
-        return (await self._unary("ServerLive", pb.ServerLiveRequest(), timeout)).live
+        return await self._drive(self._plan_server_live(timeout))
 
+    @_doc_of(InferenceClient.server_ready)
     async def server_ready(self, *, timeout: float | None = None) -> bool:
-        """Whether the server is ready for inference."""
-        return (await self._unary("ServerReady", pb.ServerReadyRequest(), timeout)).ready
+        return await self._drive(self._plan_server_ready(timeout))
 
-    async def model_ready(
-        self, model: str, version: int | str | None = None, *, timeout: float | None = None
-    ) -> bool:
-        """Whether a model (version) is ready; an unknown model raises ModelNotFoundError."""
-        return (await self._unary("ModelReady", self._model_ready_request(model, version), timeout)).ready
+    @_doc_of(InferenceClient.model_ready)
+    async def model_ready(self, model: str, version: int | str | None = None, *, timeout: float | None = None) -> bool:
+        return await self._drive(self._plan_model_ready(model, version, timeout))
 
+    @_doc_of(InferenceClient.server_metadata)
     async def server_metadata(self, *, timeout: float | None = None) -> pb.ServerMetadataResponse:
-        """Server name, version and protocol extensions."""
-        return await self._unary("ServerMetadata", pb.ServerMetadataRequest(), timeout)
+        return await self._drive(self._plan_server_metadata(timeout))
 
+    @_doc_of(InferenceClient.model_metadata)
     async def model_metadata(
         self, model: str, version: int | str | None = None, *, timeout: float | None = None
     ) -> pb.ModelMetadataResponse:
-        """A model's versions, platform and input/output tensors."""
-        return await self._unary("ModelMetadata", self._model_metadata_request(model, version), timeout)
+        return await self._drive(self._plan_model_metadata(model, version, timeout))
 
+    @_doc_of(InferenceClient.model_config)
     async def model_config(
         self, model: str, version: int | str | None = None, *, timeout: float | None = None
     ) -> pb.ModelConfig:
-        """A model's configuration."""
-        return (await self._unary("ModelConfig", self._model_config_request(model, version), timeout)).config
+        return await self._drive(self._plan_model_config(model, version, timeout))
 
+    @_doc_of(InferenceClient.model_statistics)
     async def model_statistics(
         self, model: str | None = None, version: int | str | None = None, *, timeout: float | None = None
     ) -> pb.ModelStatisticsResponse:
-        """Per-model-version counters and durations (all models when ``model`` is None)."""
-        return await self._unary("ModelStatistics", self._statistics_request(model, version), timeout)
+        return await self._drive(self._plan_model_statistics(model, version, timeout))
 
+    # ------------------------------------------------------------ repository
+
+    @_doc_of(InferenceClient.repository_index)
     async def repository_index(
         self, *, ready: bool = False, timeout: float | None = None
     ) -> list[pb.RepositoryIndexResponse.ModelIndex]:
-        """Every model in the repository with its state."""
-        response = await self._unary("RepositoryIndex", pb.RepositoryIndexRequest(ready=ready), timeout)
-        return list(response.models)
+        return await self._drive(self._plan_repository_index(ready, timeout))
 
+    @_doc_of(InferenceClient.load_model)
     async def load_model(
         self,
         model: str,
         *,
-        parameters: Mapping[str, bool | int | str | bytes] | None = None,
+        parameters: RepositoryParams | None = None,
         timeout: float | None = None,
     ) -> None:
-        """Load (or reload) a model from the server's repository."""
-        await self._unary("RepositoryModelLoad", self._load_request(model, parameters), timeout)
+        await self._drive(self._plan_load_model(model, parameters, timeout))
 
+    @_doc_of(InferenceClient.unload_model)
     async def unload_model(
         self,
         model: str,
         *,
-        parameters: Mapping[str, bool | int | str | bytes] | None = None,
+        parameters: RepositoryParams | None = None,
         timeout: float | None = None,
     ) -> None:
-        """Unload a model."""
-        await self._unary("RepositoryModelUnload", self._unload_request(model, parameters), timeout)
+        await self._drive(self._plan_unload_model(model, parameters, timeout))
 
-    async def wait_until_ready(
-        self, model: str | None = None, *, timeout: float = 30.0, interval: float = 0.1
-    ) -> None:
-        """Wait until the server (and ``model``, if given) is ready; UnavailableError after ``timeout``."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        last: Exception | None = None
-        while True:
-            try:
-                if await self.server_ready(timeout=max(interval, 1.0)) and (
-                    model is None or await self.model_ready(model, timeout=max(interval, 1.0))
-                ):
-                    return
-            except InferenceServerError as error:
-                last = error
-            if loop.time() + interval > deadline:
-                what = f"model {model!r}" if model else "server"
-                why = last or "not ready"
-                raise UnavailableError(f"{what} at {self.target} not ready after {timeout}s ({why})")
-            await asyncio.sleep(interval)
+    @_doc_of(InferenceClient.wait_until_ready)
+    async def wait_until_ready(self, model: str | None = None, *, timeout: float = 30.0, interval: float = 0.1) -> None:
+        await self._drive(self._plan_wait_until_ready(model, timeout, interval))
 
 
-class AsyncInferStream:
+class AsyncInferStream(StreamBase[asyncio.Future[InferResult]]):
     """The asyncio twin of :class:`~tensorwire.client.sync.InferStream`.
 
-    ``await submit(inputs)`` sends a request and returns an ``asyncio.Future``;
+    ``await submit(inputs)`` registers a request and returns an ``asyncio.Future``;
     ``async for future in stream.map(inputs)`` yields futures in order, each done;
     ``await future`` (or ``future.result()``) raises only that request's error.
+
+    A submit is either sent and tracked or neither: it may wait (for the model's metadata,
+    for room under ``max_in_flight``) only *before* its request is registered, and from
+    registration on it does not wait at all; one writer task sends the registered requests
+    in order. So cancelling a submit (``asyncio.wait_for(stream.submit(x), 1)`` timing
+    out, a task cancelled) leaves nothing behind, and answers pair with their requests by
+    the id the server echoes. Cancelling or timing out the returned future affects only it.
     """
 
     def __init__(
@@ -252,55 +237,52 @@ class AsyncInferStream:
         timeout: float | None,
         max_in_flight: int,
     ) -> None:
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be >= 1")
-        self.model = model
-        self._client = client
-        self._version = version
-        self._outputs = outputs
-        self._timeout = timeout
-        self._max_in_flight = max_in_flight
+        super().__init__(client, model, version=version, outputs=outputs, max_in_flight=max_in_flight)
+        self._client: AsyncInferenceClient = client
+        self._timeout_s = timeout
         self._call: grpc.aio.StreamStreamCall | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._pending: collections.deque[asyncio.Future[InferResult]] = collections.deque()
-        self._window: asyncio.Semaphore | None = None
-        self._write_lock: asyncio.Lock | None = None
-        self._error: InferenceServerError | None = None
-        self._closing = False
+        self._writer: asyncio.Task[None] | None = None
+        self._outbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._window = asyncio.Semaphore(max_in_flight)
 
-    async def _start(self) -> None:
+    def _start(self) -> None:
+        """Open the call and start its reader and writer (no await: nothing to cancel half way)."""
+        if self._call is not None:
+            return
         client = self._client
         if client._channel is None:
             client._open()
         assert client._stream_stub is not None
-        self._window = asyncio.Semaphore(self._max_in_flight)
-        self._write_lock = asyncio.Lock()
-        self._call = client._stream_stub(timeout=self._timeout, metadata=client._spec.metadata)
-        self._reader = asyncio.create_task(self._read(), name=f"tensorwire-stream-{self.model}")
+        self._call = client._stream_stub(timeout=self._timeout_s, metadata=client._spec.metadata)
+        self._writer = asyncio.create_task(self._write(self._call), name=f"tensorwire-stream-{self.model}-send")
+        self._reader = asyncio.create_task(self._read(self._call), name=f"tensorwire-stream-{self.model}")
 
-    async def _read(self) -> None:
-        assert self._call is not None and self._window is not None
-        call, pending, window, bf16_as = self._call, self._pending, self._window, self._client._bf16_as
+    async def _write(self, call: grpc.aio.StreamStreamCall) -> None:
+        """Send the registered requests in order; on the close marker, half-close."""
+        outbox = self._outbox
+        try:
+            while True:
+                request = await outbox.get()
+                if request is _CLOSE:
+                    await call.done_writing()
+                    return
+                await call.write(request)
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            return  # the call is over: the reader reports why and fails what is pending
+
+    async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
+        ledger, window = self._ledger, self._window
         failure: InferenceServerError | None = None
         try:
             while True:
                 response = await call.read()
                 if response is grpc.aio.EOF:
                     break
-                window.release()
-                if not pending:
-                    log.warning("stream for %r: a response arrived for no request; ignored", self.model)
-                    continue
-                future = pending.popleft()
-                if future.done():  # the caller cancelled waiting on it
-                    continue
-                if response.error_message:
-                    future.set_exception(from_stream_message(response.error_message))
-                    continue
-                try:
-                    future.set_result(parse_response(response.infer_response, bf16_as))
-                except InferenceServerError as error:
-                    future.set_exception(error)
+                future = ledger.take(response)
+                if future is not None:
+                    window.release()
+                self._settle(future, response)
         except grpc.RpcError as error:
             failure = from_rpc_error(error)
         except asyncio.CancelledError:
@@ -308,49 +290,47 @@ class AsyncInferStream:
         if failure is None:
             failure = RequestCancelledError("the stream ended before answering this request")
         self._error = self._error or failure
-        while pending:
-            future = pending.popleft()
+        if self._writer is not None and not self._writer.done():
+            self._writer.cancel()
+        leftovers = ledger.drain()
+        for _ in leftovers:
             window.release()
-            if not future.done():
-                future.set_exception(failure)
+        fail(leftovers, failure)
 
     async def submit(
         self,
-        inputs: Inputs,
+        inputs: Inputs | Any,
         *,
         request_id: str | None = None,
         priority: int | None = None,
         parameters: Mapping[str, ParamValue] | None = None,
     ) -> asyncio.Future[InferResult]:
-        """Send one request; the returned future resolves to its result or its own error."""
-        if self._call is None:
-            await self._start()
-        assert self._call is not None and self._window is not None and self._write_lock is not None
-        request = build_request(
-            self.model, inputs, outputs=self._outputs, version=self._version, priority=priority,
-            request_id=request_id, parameters=parameters,
-        )
+        """Send one request; the returned ``asyncio.Future`` resolves to its InferResult or its own error.
+
+        Arguments and errors as in :meth:`InferStream.submit`. Waits while ``max_in_flight``
+        requests await answers; cancelling the wait sends nothing.
+        """
+        self._start()
+        request = await self._client._drive(self._request_plan(inputs, request_id, priority, parameters))
+        loop = asyncio.get_running_loop()
+        if isinstance(request, InferenceServerError):
+            failed: asyncio.Future[InferResult] = loop.create_future()
+            failed.set_exception(request)  # the model's metadata could not be had: this item fails
+            return failed
         await self._window.acquire()
+        # From here on nothing awaits: the request is registered and queued, or refused.
         if self._error is not None or self._closing:
             self._window.release()
             raise self._error or RequestCancelledError("the stream is closed")
-        future: asyncio.Future[InferResult] = asyncio.get_running_loop().create_future()
-        async with self._write_lock:  # keeps the pending order equal to the write order
-            self._pending.append(future)
-            try:
-                await self._call.write(request)
-            except (grpc.RpcError, asyncio.InvalidStateError) as error:
-                failure = from_rpc_error(error) if isinstance(error, grpc.RpcError) else (
-                    self._error or RequestCancelledError("the stream is closed")
-                )
-                if not future.done():
-                    future.set_exception(failure)
+        future: asyncio.Future[InferResult] = loop.create_future()
+        self._ledger.add(request, future)
+        self._outbox.put_nowait(request)
         return future
 
     async def map(
-        self, inputs: Iterable[Inputs] | AsyncIterable[Inputs]
+        self, inputs: Iterable[Inputs | Any] | AsyncIterable[Inputs | Any]
     ) -> AsyncIterator[asyncio.Future[InferResult]]:
-        """Submit every item and yield the futures in order, each once done."""
+        """Submit every item and yield the futures in order, each once done (see :meth:`InferStream.map`)."""
         waiting: collections.deque[asyncio.Future[InferResult]] = collections.deque()
         if isinstance(inputs, AsyncIterable):
             async for item in inputs:
@@ -374,25 +354,21 @@ class AsyncInferStream:
             return
         if not self._closing:
             self._closing = True
-            assert self._write_lock is not None
-            async with self._write_lock:
-                try:
-                    await self._call.done_writing()
-                except grpc.RpcError:
-                    pass
-        if self._reader is not None:
-            await self._reader
+            self._outbox.put_nowait(_CLOSE)
+        assert self._reader is not None and self._writer is not None
+        await self._reader
+        await asyncio.gather(self._writer, return_exceptions=True)
 
     async def cancel(self) -> None:
         """Abort the stream; pending futures fail with RequestCancelledError."""
         self._closing = True
-        if self._call is not None:
-            self._call.cancel()
-        if self._reader is not None:
-            await asyncio.gather(self._reader, return_exceptions=True)
+        if self._call is None:
+            return
+        self._call.cancel()
+        await asyncio.gather(*(t for t in (self._reader, self._writer) if t is not None), return_exceptions=True)
 
     async def __aenter__(self) -> AsyncInferStream:
-        await self._start()
+        self._start()
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:

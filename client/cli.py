@@ -17,15 +17,16 @@ import base64
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from google.protobuf import json_format
 
+from tensorwire.client._casting import conform
 from tensorwire.client._channel import TLSConfig
-from tensorwire.client.errors import InferenceServerError, UnavailableError
+from tensorwire.client.errors import InferenceServerError, InvalidInputError, UnavailableError
 from tensorwire.client.results import InferResult, Tensor
 from tensorwire.client.retry import RetryPolicy
 from tensorwire.client.sync import InferenceClient
@@ -236,11 +237,26 @@ def _load_inputs(specs: Sequence[str]) -> dict[str, Any]:
     return inputs
 
 
-def _conform(inputs: dict[str, Any], model_inputs: Any, bf16_names: set[str]) -> dict[str, Any]:
-    """Cast arrays to the model's declared datatypes and add a missing batch dimension.
+def _conform(
+    inputs: dict[str, Any], model_inputs: Any, bf16_names: Set[str], cast_names: Set[str] = frozenset()
+) -> dict[str, Any]:
+    """Add a missing batch dimension and fit datatypes by the SDK's one casting rule.
 
-    JSON numbers carry no width and saved arrays are often float64, so the model's
-    metadata decides; anything that does not match is left for the server to refuse.
+    Args:
+        inputs: input name -> array (or Tensor), as read from the files.
+        model_inputs: the model's ``ModelMetadataResponse.inputs`` (shapes with -1 for the batch).
+        bf16_names: inputs to send as BF16 (``--bf16``): rounded, as asked.
+        cast_names: inputs to send as their declared datatype even if values change (``--cast``).
+
+    Returns:
+        name -> value ready for ``InferenceClient.infer``. An array one dimension short of a
+        batching model's shape gets a leading batch dimension of 1. Datatypes follow
+        ``tensorwire.client._casting.conform`` (JSON numbers and float64/int64 files adapt when
+        every value survives; other dtypes must match or widen); inputs the model does not
+        declare are left for the server to refuse.
+
+    Raises:
+        InvalidInputError: a value the rule refuses; the message names ``--cast NAME``.
     """
     declared = {tensor.name: tensor for tensor in model_inputs}
     out: dict[str, Any] = {}
@@ -254,14 +270,31 @@ def _conform(inputs: dict[str, Any], model_inputs: Any, bf16_names: set[str]) ->
         shape = list(meta.shape)
         if shape and shape[0] == -1 and array.ndim == len(shape) - 1:
             array = array[np.newaxis, ...]
-        if meta.datatype == "BF16" or name in bf16_names:
-            out[name] = Tensor(array.astype(np.float32), "BF16")
-        elif meta.datatype == "BYTES":
-            out[name] = array if array.dtype.kind in "OSU" else array.astype(str)
-        elif meta.datatype in codec.NUMPY_DTYPES and array.dtype.kind not in "OSU":
-            out[name] = array.astype(codec.NUMPY_DTYPES[meta.datatype], copy=False)
+        if name in bf16_names:
+            out[name] = Tensor(array, "BF16")
+        elif name in cast_names and meta.datatype in codec.NUMPY_DTYPES:
+            out[name] = Tensor(array, meta.datatype)
         else:
-            out[name] = array
+            try:
+                out[name] = conform(name, array, meta.datatype)
+            except InvalidInputError as error:
+                raise InvalidInputError(f"{error.details} (on the command line: --cast {name})") from None
+    return out
+
+
+def _as_given(inputs: dict[str, Any], bf16_names: set[str]) -> dict[str, Any]:
+    """``--no-conform``: every input with the datatype of its own dtype (BF16 where asked), nothing cast."""
+    out: dict[str, Any] = {}
+    for name, value in inputs.items():
+        if isinstance(value, Tensor):
+            out[name] = value
+            continue
+        array = np.asarray(value)
+        try:
+            datatype = "BF16" if name in bf16_names else codec.datatype_of(array)
+        except codec.CodecError as error:
+            raise InvalidInputError(f"input {name!r}: {error}") from None
+        out[name] = Tensor(array, datatype)
     return out
 
 
@@ -299,10 +332,18 @@ def infer(argv: Sequence[str]) -> int:
     parser.add_argument("--outputs", help="comma-separated output names to return (default: all)")
     parser.add_argument("-o", "--output", help="write outputs to FILE.npz or .json (default: stdout JSON)")
     parser.add_argument("--bf16", action="append", default=[], metavar="NAME", help="send this input as BF16")
+    parser.add_argument(
+        "--cast",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="send this input as the model's datatype even if values change (rounding)",
+    )
     parser.add_argument("--id", help="request id (echoed back)")
     parser.add_argument("--priority", type=int, help="queue priority level (1 is the highest)")
-    parser.add_argument("--no-conform", action="store_true",
-                        help="send arrays as they are (no casting to the model's datatypes)")
+    parser.add_argument(
+        "--no-conform", action="store_true", help="send arrays as they are (no batch dimension added, no casting)"
+    )
     args = parser.parse_args(list(argv))
     if args.output and Path(args.output).suffix.lower() not in (".npz", ".json"):
         parser.error("--output must end in .npz or .json")
@@ -311,9 +352,9 @@ def infer(argv: Sequence[str]) -> int:
         with _client(args) as client:
             if not args.no_conform:
                 meta = client.model_metadata(args.model, args.version)
-                inputs = _conform(inputs, meta.inputs, set(args.bf16))
+                inputs = _conform(inputs, meta.inputs, set(args.bf16), set(args.cast))
             else:
-                inputs = {k: Tensor(v, "BF16") if k in args.bf16 else v for k, v in inputs.items()}
+                inputs = _as_given(inputs, set(args.bf16))
             outputs = [name for name in args.outputs.split(",") if name] if args.outputs else None
             result = client.infer(
                 args.model, inputs, outputs=outputs, version=args.version,

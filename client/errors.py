@@ -76,7 +76,8 @@ class ServerBusyError(InferenceServerError):
 
     @property
     def retry_after(self) -> float | None:
-        return pushback_seconds(self.trailing_metadata)
+        """Seconds the server asked the client to wait before trying again; None without a valid hint."""
+        return pushback_s(self.trailing_metadata)
 
 
 class DeadlineExceededError(InferenceServerError, TimeoutError):
@@ -168,7 +169,11 @@ def _metadata(value: Any) -> tuple[tuple[str, str | bytes], ...]:
 
 
 def from_rpc_error(error: grpc.RpcError) -> InferenceServerError:
-    """Translate a ``grpc.RpcError`` (sync) or ``grpc.aio.AioRpcError`` into our hierarchy."""
+    """Translate a ``grpc.RpcError`` (sync) or ``grpc.aio.AioRpcError`` into our hierarchy.
+
+    The subclass follows the status code (:func:`error_class`); details, trailing metadata
+    (pushback included) and gRPC's debug string are kept.
+    """
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else None
     if code is grpc.StatusCode.CANCELLED:
@@ -195,7 +200,7 @@ def from_stream_message(message: str) -> InferenceServerError:
     return InferenceServerError(message)
 
 
-def pushback_seconds(trailing_metadata: Iterable[tuple[str, str | bytes]]) -> float | None:
+def pushback_s(trailing_metadata: Iterable[tuple[str, str | bytes]]) -> float | None:
     """The ``grpc-retry-pushback-ms`` hint in seconds; ``None`` if absent, malformed or negative.
 
     gRPC's retry design (A6) treats a malformed or negative pushback as "do not retry".
@@ -204,10 +209,10 @@ def pushback_seconds(trailing_metadata: Iterable[tuple[str, str | bytes]]) -> fl
         if key == PUSHBACK_KEY:
             text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
             try:
-                millis = int(text.strip())
+                pushback_ms = int(text.strip())
             except ValueError:
                 return None
-            return millis / 1000.0 if millis >= 0 else None
+            return pushback_ms / 1000.0 if pushback_ms >= 0 else None
     return None
 
 

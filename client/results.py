@@ -11,11 +11,16 @@ from tensorwire.proto import inference_pb2 as pb
 
 
 class Tensor(NamedTuple):
-    """An input with an explicit v2 datatype, where the numpy dtype alone is not enough.
+    """An input with an explicit v2 datatype: the caller asks for this datatype, casting included.
 
-    ``Tensor(x, "BF16")`` sends a float32 array rounded to bfloat16 (numpy has no
-    bfloat16); ``Tensor(words, "BYTES")`` makes the intent explicit for ``str`` data.
-    Plain arrays need no wrapper: their datatype follows from their dtype.
+    ``data`` is an array (or anything ``np.asarray`` takes) of the input's full shape, batch
+    dimension included when the model batches. ``Tensor(x, "FP32")`` sends float64 ``x``
+    rounded to float32, which the casting rule would refuse implicitly when a value changes;
+    ``Tensor(x, "BF16")`` rounds to bfloat16 (numpy has no bfloat16); ``Tensor(words,
+    "BYTES")`` makes the intent explicit for ``str`` data. Integers must still fit the
+    datatype and floats are never cast to integers (``InvalidInputError`` before sending).
+    Plain arrays need no wrapper: their datatype follows the model's declaration by the
+    casting rule (README, "Sending inputs"). ``datatype=None`` is the same as a plain value.
     """
 
     data: Any
@@ -23,18 +28,22 @@ class Tensor(NamedTuple):
 
 
 def bf16(array: Any) -> Tensor:
-    """Mark a float array to be sent as BF16 (rounded to nearest even)."""
+    """Mark a float array (any shape) to be sent as BF16, rounded to nearest even: ``Tensor(array, "BF16")``."""
     return Tensor(array, "BF16")
 
 
 class InferResult(Mapping[str, np.ndarray]):
     """The outputs of one inference: a mapping of output name to ``np.ndarray``.
 
-    Arrays of fixed-size datatypes are zero-copy, read-only views of the response
-    (``np.array(result[name])`` for a writable copy); BYTES outputs are object arrays
-    of ``bytes``. ``model_name``, ``model_version`` and ``id`` echo the server,
-    ``parameters`` are the response parameters as Python values, ``datatypes`` the v2
-    datatype of each output, and ``response`` is the raw protobuf message.
+    Each array has the shape the server answered with (batch dimension included for
+    batching models). Arrays of fixed-size datatypes are zero-copy, read-only views of the
+    response (``np.array(result[name])`` for a writable copy); BYTES outputs are object
+    arrays of ``bytes``; BF16 outputs follow the client's ``bf16_as``. ``model_name``,
+    ``model_version`` and ``id`` echo the server (a stream request sent without
+    ``request_id`` has a generated ``tw-...`` id), ``parameters`` are the response
+    parameters as Python values, ``datatypes`` the v2 datatype of each output, and
+    ``response`` is the raw protobuf message. ``result[name]`` raises KeyError, listing
+    the outputs there are, for a name that is not among them.
     """
 
     __slots__ = ("_outputs", "datatypes", "model_name", "model_version", "id", "response")

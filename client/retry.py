@@ -11,16 +11,17 @@ mistake. So only two situations are retried by default:
   resolving``, ``DNS resolution failed``). Such an RPC never left the client.
   (RPCs that reached the wire but were refused before the server looked at
   them, e.g. on a GOAWAY, gRPC already retries transparently itself.) A
-  connection lost *during* a call (``Socket closed``, ``Stream removed``) is
-  also ``UNAVAILABLE`` but the server may have run the request: not retried.
+  connection lost *during* a call (``Socket closed``, ``Stream removed``) and
+  a server that shuts down while running it (``Cancelling all calls``) are
+  also ``UNAVAILABLE``, but the server may have run the request: never retried.
   An ``UNAVAILABLE`` answered *by the server* (model loading, server
   draining) is retried only with ``retry_server_unavailable=True``: tensorwire
   answers it only before executing anything, but other v2 servers may not
   promise that.
 * ``RESOURCE_EXHAUSTED`` **with** ``grpc-retry-pushback-ms``: the server's queue
   was full and it said when to come back; the client waits exactly that long
-  (gRPC's retry design A6). Without the hint (e.g. a message over the size
-  limit) retrying cannot help, and a malformed or negative hint means "don't".
+  (gRPC's retry design, proposal A6). Without the hint (e.g. a message over the
+  size limit) retrying cannot help, and a malformed or negative hint means "don't".
 
 Everything else (``INVALID_ARGUMENT``, ``NOT_FOUND``, ``DEADLINE_EXCEEDED``,
 ``INTERNAL``, ...) is raised at once. Retries share the call's one deadline:
@@ -31,6 +32,18 @@ then scaled by a random factor in ``[1 - jitter, 1]``) so that many clients
 that failed together do not come back together. A :class:`RetryBudget` caps
 retries to a fraction of recent requests, so a server that is down does not
 get a retry storm from every client on top of the normal load.
+
+Why these decisions are not left to gRPC's own retry policy (service config
+``retryPolicy`` with ``retryThrottling``, which implements back-off, budgets and
+pushback in the transport): its only criterion is the status code, and the two
+codes worth retrying each mix safe and unsafe cases. With ``UNAVAILABLE``
+retryable, grpcio 1.85 retried a call whose server was stopped while running it
+(the request ran twice: tests/test_client_resilience.py shows the SDK does not)
+and a server's "model is loading" answer; with ``RESOURCE_EXHAUSTED`` retryable,
+it resent a request the server had refused without pushback (as it refuses a
+message over its size limit), where retrying cannot help.
+The transport does the rest of its part: reconnect back-off (channel options set
+from this policy) and transparent retries of RPCs that never reached the server.
 """
 
 from __future__ import annotations
@@ -44,7 +57,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from tensorwire.client.errors import has_pushback_key, pushback_seconds
+from tensorwire.client.errors import has_pushback_key, pushback_s
 
 #: Status messages with which gRPC's LB policies and resolvers fail an RPC that never left the client.
 NEVER_SENT_MARKERS: tuple[str, ...] = (
@@ -66,6 +79,7 @@ CONNECTION_LOST_MARKERS: tuple[str, ...] = (
     "GOAWAY",
     "Received RST_STREAM",
     "keepalive watchdog timeout",
+    "Cancelling all calls",  # a gRPC server shutting down cancels the calls it is running
 )
 
 
@@ -145,9 +159,16 @@ class RetryPolicy:
     """How a client retries; see the module docstring for what is retried and why.
 
     ``max_attempts`` counts the first try (1 disables retries). Back-off for attempt
-    ``n`` is ``min(max_backoff, initial_backoff * multiplier**(n-1))`` times a random
-    factor in ``[1 - jitter, 1]``. The budget is ``budget_ratio`` retries per request
+    ``n`` is ``min(max_backoff, initial_backoff * multiplier**(n-1))`` seconds times a
+    random factor in ``[1 - jitter, 1]`` (``initial_backoff`` and ``max_backoff`` are
+    seconds; ``jitter`` a fraction). The budget is ``budget_ratio`` retries per request
     plus ``budget_min_per_second`` over ``budget_window_s`` seconds, per client.
+    ``retry_server_unavailable`` also retries UNAVAILABLE answered by the server (loading,
+    draining). ``initial_backoff`` and ``max_backoff`` also set the channel's reconnect
+    back-off (at least 0.1 s and 1 s).
+
+    Raises ValueError for ``max_attempts`` < 1, negative or inverted back-offs, a
+    multiplier below 1 or a jitter outside [0, 1].
     """
 
     max_attempts: int = 5
@@ -212,7 +233,7 @@ class Retrier:
                 return True
             return self.policy.retry_server_unavailable and not connection_lost(code, details)
         if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return pushback_seconds(trailing) is not None
+            return pushback_s(trailing) is not None
         return False
 
     def next_delay(
@@ -234,7 +255,7 @@ class Retrier:
         if not self.retryable(code, details, trailing):
             return None
         if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-            delay = pushback_seconds(trailing)
+            delay = pushback_s(trailing)
             if delay is None or not has_pushback_key(trailing):
                 return None
         else:

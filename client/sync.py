@@ -1,34 +1,31 @@
-"""The blocking client: ``InferenceClient`` and its pipelined stream, ``InferStream``."""
+"""The blocking client: ``InferenceClient`` and its pipelined stream, ``InferStream``.
+
+Each method hands a plan from the client core (:mod:`tensorwire.client._core`) to
+``_drive``, which makes the calls and sleeps between retries; everything else (requests,
+casting, deadlines, retries, errors, decoding) is the core's.
+"""
 
 from __future__ import annotations
 
 import collections
-import logging
 import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import Future, InvalidStateError
-from typing import Any
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.message import Message
 
-from tensorwire.client._base import ClientBase
-from tensorwire.client._convert import Inputs, Outputs, ParamValue, build_request, parse_response
-from tensorwire.client.errors import (
-    InferenceServerError,
-    RequestCancelledError,
-    UnavailableError,
-    from_rpc_error,
-    from_stream_message,
-)
+from tensorwire.client._channel import stream_stub, unary_stubs
+from tensorwire.client._convert import Inputs, Outputs, ParamValue, RepositoryParams
+from tensorwire.client._core import Attempt, ClientBase, Plan, Sleep
+from tensorwire.client._pairing import StreamBase, fail
+from tensorwire.client.errors import InferenceServerError, RequestCancelledError, from_rpc_error
 from tensorwire.client.results import InferResult
 from tensorwire.proto import inference_pb2 as pb
-from tensorwire.proto.service import METHODS
 
-log = logging.getLogger("tensorwire.client")
-
+T = TypeVar("T")
 _CLOSE = object()
 
 
@@ -41,27 +38,21 @@ class InferenceClient(ClientBase):
 
     Thread-safe: one client (one channel, one HTTP/2 connection per server) serves
     any number of threads; creating a client per request wastes connections. See
-    :class:`~tensorwire.client._base.ClientBase` for the constructor's arguments.
-    Every method raises :class:`~tensorwire.client.InferenceServerError` subclasses.
+    :class:`~tensorwire.client._core.ClientBase` for the constructor's arguments.
+
+    Every method raises :class:`~tensorwire.client.InferenceServerError` subclasses, mapped
+    from the gRPC status: ModelNotFoundError (NOT_FOUND), InvalidInputError (INVALID_ARGUMENT,
+    also raised before sending for inputs the client refuses), ServerBusyError (queue full),
+    DeadlineExceededError, UnavailableError (no connection; model loading; server draining),
+    UnauthenticatedError, RequestCancelledError (also: the client is closed), InternalServerError.
+    ``timeout`` arguments are seconds for the whole call, retries included; ``None`` takes the
+    client's default (itself ``None``: no deadline).
     """
 
     def _setup(self) -> None:
         self._channel: grpc.Channel = self._spec.open_sync()
-        self._stubs: dict[str, grpc.UnaryUnaryMultiCallable] = {
-            name: self._channel.unary_unary(
-                method.path,
-                request_serializer=method.request.SerializeToString,
-                response_deserializer=method.response.FromString,
-            )
-            for name, method in METHODS.items()
-            if not method.client_streaming and not method.server_streaming
-        }
-        stream = METHODS["ModelStreamInfer"]
-        self._stream_stub = self._channel.stream_stream(
-            stream.path,
-            request_serializer=stream.request.SerializeToString,
-            response_deserializer=stream.response.FromString,
-        )
+        self._stubs: dict[str, grpc.UnaryUnaryMultiCallable] = unary_stubs(self._channel)
+        self._stream_stub: grpc.StreamStreamMultiCallable = stream_stub(self._channel)
         self._closed = False
 
     # ------------------------------------------------------------ lifecycle
@@ -81,42 +72,41 @@ class InferenceClient(ClientBase):
     def __repr__(self) -> str:
         return f"InferenceClient({self.target!r})"
 
-    # ----------------------------------------------------------- the engine
+    # ----------------------------------------------------------- the driver
 
-    def _unary(self, method: str, request: Message, timeout: float | None) -> Any:
-        """One unary call with the client's metadata, deadline and retry policy."""
+    def _drive(self, plan: Plan[T]) -> T:
+        """Run a plan of the client core: make its calls, sleep its back-offs, return its value."""
+        try:
+            effect = next(plan)
+            while True:
+                if type(effect) is Sleep:
+                    time.sleep(effect.delay_s)
+                    effect = plan.send(None)
+                else:
+                    effect = plan.send(self._attempt(effect))
+        except StopIteration as done:
+            return done.value
+
+    def _attempt(self, attempt: Attempt) -> Any:
+        """One call: the response message, or the grpc.RpcError it failed with (returned, not raised)."""
         if self._closed:
             raise RequestCancelledError("the client is closed")
-        stub = self._stubs[method]
-        retrier = self._retrier
-        timeout = self._timeout if timeout is None else timeout
-        deadline = None if timeout is None else retrier.clock() + timeout
-        metadata = self._spec.metadata
-        retrier.budget.record_request()
-        attempt = 1
-        while True:
-            try:
-                return stub(request, timeout=retrier.remaining(deadline), metadata=metadata)
-            except grpc.RpcError as error:
-                code, details = error.code(), error.details()
-                trailing = error.trailing_metadata() or ()
-                delay = retrier.next_delay(code, details, trailing, attempt, deadline)
-                if delay is None:
-                    raise from_rpc_error(error) from None
-            except ValueError:  # grpc: "Cannot invoke RPC on closed channel!" (closed by another thread)
-                if self._closed:
-                    raise RequestCancelledError("the client is closed") from None
-                raise
-            log.debug("%s failed (%s: %s); retry %d in %.3fs", method, code, details, attempt, delay)
-            time.sleep(delay)
-            attempt += 1
+        stub = self._stubs[attempt.method]
+        try:
+            return stub(attempt.request, timeout=attempt.timeout_s, metadata=self._spec.metadata)
+        except grpc.RpcError as error:
+            return error
+        except ValueError:  # grpc: "Cannot invoke RPC on closed channel!" (closed by another thread)
+            if self._closed:
+                raise RequestCancelledError("the client is closed") from None
+            raise
 
     # ------------------------------------------------------------ inference
 
     def infer(
         self,
         model: str,
-        inputs: Inputs,
+        inputs: Inputs | Any,
         *,
         outputs: Outputs | None = None,
         version: int | str | None = None,
@@ -128,20 +118,37 @@ class InferenceClient(ClientBase):
         """Run one inference: ``{input name: array}`` in, ``{output name: array}`` out.
 
         Args:
-            model: the model's name; ``version`` picks a version (default: the server's).
-            inputs: name -> ``np.ndarray`` (datatype from the dtype; ``object``/``str``/
-                ``bytes`` arrays are BYTES) or :class:`Tensor` for an explicit datatype.
+            model: the model's name.
+            inputs: input name -> value, or one bare value for a model with a single input.
+                A value is an ``np.ndarray`` (shape with the batch dimension first when the
+                model batches, e.g. ``[1, 16]`` for a ``[-1, 16]`` input), a Python number or
+                (nested) list, or a :class:`~tensorwire.client.Tensor` naming its datatype
+                explicitly. Values are fitted to the datatypes the model declares by one
+                rule, never lossy without asking (README, "Sending inputs"): float64 zeros
+                become FP32, 0.1 stays 0.1, a value that would change raises InvalidInputError.
+                ``str``/``bytes``/``object`` arrays are BYTES.
             outputs: output names to return (default: all), or name -> output parameters.
-            timeout: deadline in seconds for the whole call, retries included.
-            priority: queue priority level (1 is the highest) for models that have levels.
-            request_id: echoed back in ``InferResult.id``.
-            parameters: extra request parameters (bool/int/float/str).
+            version: the model version (default: the server's choice, the newest ready one).
+            timeout: deadline in seconds for the whole call (metadata look-up and retries included).
+            priority: queue priority level (1 is the highest) for models that have levels; 0 or
+                None: the model's default.
+            request_id: an id the server logs and echoes back in ``InferResult.id``.
+            parameters: extra request parameters (bool/int/float/str values).
+
+        Returns:
+            An :class:`~tensorwire.client.InferResult`: output name -> read-only ``np.ndarray``
+            (shapes as the model answered, batch dimension included), plus ``model_version``
+            and ``id``.
+
+        Raises:
+            InvalidInputError: an input the client refuses (before anything is sent: unknown
+                datatype, a value the casting rule would change, a bare value for a model with
+                several inputs) or the server refuses (wrong name, shape, datatype).
+            ModelNotFoundError: no such model or version.
+            InferenceServerError: any other failure, as a subclass named after its status.
         """
-        request = build_request(
-            model, inputs, outputs=outputs, version=version, priority=priority,
-            request_id=request_id, parameters=parameters,
-        )
-        return parse_response(self._unary("ModelInfer", request, timeout), self._bf16_as)
+        plan = self._plan_infer(model, inputs, outputs, version, timeout, priority, request_id, parameters)
+        return self._drive(plan)
 
     def stream(
         self,
@@ -154,104 +161,123 @@ class InferenceClient(ClientBase):
     ) -> InferStream:
         """Open a pipelined ``ModelStreamInfer`` stream for ``model`` (use it with ``with``).
 
-        ``timeout`` bounds the whole stream (default: none, not the client's unary
-        default). At most ``max_in_flight`` requests await their responses at once;
-        ``submit`` blocks beyond that. Streams are not retried.
+        Args:
+            model: the model every request of the stream goes to; ``version`` as in :meth:`infer`.
+            outputs: output names every request asks for (default: all).
+            timeout: deadline in seconds for the whole stream (default: none; the client's
+                unary default does not apply to streams).
+            max_in_flight: how many requests may await their answers at once; ``submit``
+                blocks beyond that.
+
+        Returns:
+            An :class:`InferStream`, already connected. Streams are never retried.
+
+        Raises:
+            RequestCancelledError: the client is closed.
+            ValueError: ``max_in_flight`` < 1.
         """
         if self._closed:
             raise RequestCancelledError("the client is closed")
-        return InferStream(self, model, version=version, outputs=outputs, timeout=timeout,
-                           max_in_flight=max_in_flight)
+        return InferStream(self, model, version=version, outputs=outputs, timeout=timeout, max_in_flight=max_in_flight)
 
     # --------------------------------------------------- health and metadata
 
     def server_live(self, *, timeout: float | None = None) -> bool:
-        """Whether the server process is up (it may still be loading models)."""
-        return self._unary("ServerLive", pb.ServerLiveRequest(), timeout).live
+        """Whether the server process is up (it may still be loading models).
+
+        Raises UnavailableError when no server answers (after the retries the policy allows).
+        """
+        return self._drive(self._plan_server_live(timeout))
 
     def server_ready(self, *, timeout: float | None = None) -> bool:
-        """Whether the server is ready for inference (models loaded, not draining)."""
-        return self._unary("ServerReady", pb.ServerReadyRequest(), timeout).ready
+        """Whether the server is ready for inference (its models loaded, not draining).
 
-    def model_ready(
-        self, model: str, version: int | str | None = None, *, timeout: float | None = None
-    ) -> bool:
-        """Whether a model (version) is ready; an unknown model raises ModelNotFoundError."""
-        return self._unary("ModelReady", self._model_ready_request(model, version), timeout).ready
+        Raises UnavailableError when no server answers.
+        """
+        return self._drive(self._plan_server_ready(timeout))
+
+    def model_ready(self, model: str, version: int | str | None = None, *, timeout: float | None = None) -> bool:
+        """Whether a model (a version of it, if given; else its default) is ready for inference.
+
+        Raises ModelNotFoundError when the server does not know the model.
+        """
+        return self._drive(self._plan_model_ready(model, version, timeout))
 
     def server_metadata(self, *, timeout: float | None = None) -> pb.ServerMetadataResponse:
-        """Server name, version and protocol extensions."""
-        return self._unary("ServerMetadata", pb.ServerMetadataRequest(), timeout)
+        """The server's name, version and protocol extensions (``statistics``, ...), as the protobuf message."""
+        return self._drive(self._plan_server_metadata(timeout))
 
     def model_metadata(
         self, model: str, version: int | str | None = None, *, timeout: float | None = None
     ) -> pb.ModelMetadataResponse:
-        """A model's versions, platform and input/output tensors (shape -1 = variable)."""
-        return self._unary("ModelMetadata", self._model_metadata_request(model, version), timeout)
+        """A model's ready versions, platform and input/output tensors, as the protobuf message.
+
+        Tensor shapes include the batch dimension as -1 for models that batch; -1 elsewhere
+        marks a variable dimension. Raises ModelNotFoundError for an unknown model or version.
+        """
+        return self._drive(self._plan_model_metadata(model, version, timeout))
 
     def model_config(
         self, model: str, version: int | str | None = None, *, timeout: float | None = None
     ) -> pb.ModelConfig:
-        """A model's configuration (Triton's ModelConfig subset: batching, instances, ...)."""
-        return self._unary("ModelConfig", self._model_config_request(model, version), timeout).config
+        """A model's configuration: Triton's ``ModelConfig`` subset, as the protobuf message.
+
+        Fields: name, platform, backend, max_batch_size, input and output (dims *without* the
+        batch dimension), dynamic_batching, instance_group, version_policy. Raises
+        ModelNotFoundError for an unknown model or version.
+        """
+        return self._drive(self._plan_model_config(model, version, timeout))
 
     def model_statistics(
         self, model: str | None = None, version: int | str | None = None, *, timeout: float | None = None
     ) -> pb.ModelStatisticsResponse:
-        """Per-model-version counters and durations (all models when ``model`` is None)."""
-        return self._unary("ModelStatistics", self._statistics_request(model, version), timeout)
+        """Triton's ModelStatistics per model version: counts, and durations in nanoseconds.
+
+        ``model=None`` returns every served model. Raises ModelNotFoundError for an unknown model.
+        """
+        return self._drive(self._plan_model_statistics(model, version, timeout))
 
     # ------------------------------------------------------------ repository
 
     def repository_index(
         self, *, ready: bool = False, timeout: float | None = None
     ) -> list[pb.RepositoryIndexResponse.ModelIndex]:
-        """Every model in the repository with its state (only ready ones with ``ready=True``)."""
-        request = pb.RepositoryIndexRequest(ready=ready)
-        return list(self._unary("RepositoryIndex", request, timeout).models)
+        """Every model in the repository with its version, state and reason (only ready ones with ``ready=True``)."""
+        return self._drive(self._plan_repository_index(ready, timeout))
 
     def load_model(
         self,
         model: str,
         *,
-        parameters: Mapping[str, bool | int | str | bytes] | None = None,
+        parameters: RepositoryParams | None = None,
         timeout: float | None = None,
     ) -> None:
-        """Load (or reload) a model from the server's repository; returns once it is loaded."""
-        self._unary("RepositoryModelLoad", self._load_request(model, parameters), timeout)
+        """Load (or reload) a model from the server's repository; returns once it is loaded.
+
+        Raises the server's error when the load fails (InvalidInputError for a bad
+        configuration, ModelNotFoundError for a model the repository lacks, ...).
+        """
+        self._drive(self._plan_load_model(model, parameters, timeout))
 
     def unload_model(
         self,
         model: str,
         *,
-        parameters: Mapping[str, bool | int | str | bytes] | None = None,
+        parameters: RepositoryParams | None = None,
         timeout: float | None = None,
     ) -> None:
-        """Unload a model; requests already accepted still finish."""
-        self._unary("RepositoryModelUnload", self._unload_request(model, parameters), timeout)
+        """Unload a model; requests it already accepted still finish. Raises ModelNotFoundError if unknown."""
+        self._drive(self._plan_unload_model(model, parameters, timeout))
 
-    def wait_until_ready(
-        self, model: str | None = None, *, timeout: float = 30.0, interval: float = 0.1
-    ) -> None:
-        """Block until the server (and ``model``, if given) is ready; UnavailableError after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while True:
-            try:
-                if self.server_ready(timeout=max(interval, 1.0)) and (
-                    model is None or self.model_ready(model, timeout=max(interval, 1.0))
-                ):
-                    return
-            except InferenceServerError as error:
-                last = error
-            if time.monotonic() + interval > deadline:
-                what = f"model {model!r}" if model else "server"
-                why = last or "not ready"
-                raise UnavailableError(f"{what} at {self.target} not ready after {timeout}s ({why})")
-            time.sleep(interval)
+    def wait_until_ready(self, model: str | None = None, *, timeout: float = 30.0, interval: float = 0.1) -> None:
+        """Block until the server (and ``model``, if given) is ready, polling every ``interval`` seconds.
+
+        Raises UnavailableError (with the last error seen) when ``timeout`` seconds pass first.
+        """
+        self._drive(self._plan_wait_until_ready(model, timeout, interval))
 
 
-class InferStream:
+class InferStream(StreamBase[Future[InferResult]]):
     """A pipelined ``ModelStreamInfer`` call: many requests on one HTTP/2 stream, answers in order.
 
     ``map(inputs)`` sends from an iterable and yields one ``concurrent.futures.Future``
@@ -259,9 +285,14 @@ class InferStream:
     and returns its future at once. A request the server rejects fails only its own
     future (``.result()`` raises the mapped exception); the stream stays open. If the
     stream itself fails (connection lost, deadline, auth), every pending future fails
-    with that error and later sends raise it.
+    with that error and later sends raise it. Inputs follow the same rules as
+    :meth:`InferenceClient.infer` (a bare value for a single-input model, the casting rule).
 
-    Why two paths: gRPC's blocking streams already run a thread that feeds requests
+    Every request carries an id (``request_id``, or a generated ``tw-<stream>-<n>``) and
+    each answer goes to the future of the id the server echoes, so a request abandoned
+    half way or a cancelled future never shifts answers onto other requests.
+
+    Why two ways to read: gRPC's blocking streams already run a thread that feeds requests
     and one that polls the connection; ``map`` reads the answers in the caller's own
     thread, which saves a thread hand-off per request (a third of the client's CPU
     per message). ``submit`` needs someone to read while the caller does other
@@ -280,24 +311,13 @@ class InferStream:
         timeout: float | None,
         max_in_flight: int,
     ) -> None:
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be >= 1")
-        self.model = model
-        self._version = version
-        self._outputs = outputs
-        self._bf16_as = client._bf16_as
-        self._max_in_flight = max_in_flight
+        super().__init__(client, model, version=version, outputs=outputs, max_in_flight=max_in_flight)
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._pending: collections.deque[Future[InferResult]] = collections.deque()
-        self._state = threading.Condition()  # guards the fields below; notified when answers arrive
+        self._state = threading.Condition()  # guards the ledger and the flags; notified when answers arrive
         self._read_lock = threading.Lock()  # held by whoever is reading the next answer
-        self._error: InferenceServerError | None = None
-        self._closing = False
         self._finished = False
         self._reader: threading.Thread | None = None
-        self._call = client._stream_stub(
-            self._request_iterator(), timeout=timeout, metadata=client._spec.metadata
-        )
+        self._call = client._stream_stub(self._request_iterator(), timeout=timeout, metadata=client._spec.metadata)
 
     # ------------------------------------------------------------ plumbing
 
@@ -311,25 +331,29 @@ class InferStream:
             yield item
 
     def _request(
-        self, inputs: Inputs, request_id: str | None, priority: int | None,
+        self,
+        inputs: Inputs | Any,
+        request_id: str | None,
+        priority: int | None,
         parameters: Mapping[str, ParamValue] | None,
-    ) -> pb.ModelInferRequest:
-        return build_request(
-            self.model, inputs, outputs=self._outputs, version=self._version, priority=priority,
-            request_id=request_id, parameters=parameters,
-        )
+    ) -> pb.ModelInferRequest | InferenceServerError:
+        return self._client._drive(self._request_plan(inputs, request_id, priority, parameters))
 
     def _enqueue(self, request: pb.ModelInferRequest, future: Future[InferResult]) -> None:
-        """Queue a request for sending (caller holds ``_state``); refuse on a closed stream."""
+        """Register and queue a request for sending (caller holds ``_state``); refuse on a closed stream.
+
+        Registration and queueing happen together under the lock: a request is either
+        sent and tracked, or neither.
+        """
         if self._error is not None:
             raise self._error
         if self._closing:
             raise RequestCancelledError("the stream is closed")
-        self._pending.append(future)
+        self._ledger.add(request, future)
         self._requests.put(request)
 
     def _read_one(self) -> None:
-        """Read the next answer and settle the oldest pending future (caller holds ``_read_lock``)."""
+        """Read the next answer and settle the future of the id it echoes (caller holds ``_read_lock``)."""
         if self._finished:
             return
         try:
@@ -341,38 +365,18 @@ class InferStream:
             self._finish(from_rpc_error(error))
             return
         with self._state:
-            future = self._pending.popleft() if self._pending else None
+            future = self._ledger.take(response)
             self._state.notify_all()
-        if future is None:
-            log.warning("stream for %r: a response arrived for no request; ignored", self.model)
-            return
-        try:
-            if response.error_message:
-                future.set_exception(from_stream_message(response.error_message))
-            else:
-                try:
-                    result = parse_response(response.infer_response, self._bf16_as)
-                except InferenceServerError as error:
-                    future.set_exception(error)
-                else:
-                    future.set_result(result)
-        except InvalidStateError:  # the caller cancelled this future; the answer is dropped
-            pass
+        self._settle(future, response)
 
     def _finish(self, failure: InferenceServerError) -> None:
         """The stream is over: fail whatever is still pending with ``failure``."""
         with self._state:
             self._finished = True
             self._error = self._error or failure
-            leftovers = list(self._pending)
-            self._pending.clear()
+            leftovers = self._ledger.drain()
             self._state.notify_all()
-        for future in leftovers:
-            if not future.done():
-                try:
-                    future.set_exception(failure)
-                except InvalidStateError:
-                    pass
+        fail(leftovers, failure)
 
     def _read_loop(self) -> None:
         while not self._finished:
@@ -389,11 +393,17 @@ class InferStream:
                 if not future.done():
                     self._read_one()
 
+    @staticmethod
+    def _failed(error: InferenceServerError) -> Future[InferResult]:
+        future: Future[InferResult] = Future()
+        future.set_exception(error)
+        return future
+
     # ---------------------------------------------------------------- API
 
     def submit(
         self,
-        inputs: Inputs,
+        inputs: Inputs | Any,
         *,
         request_id: str | None = None,
         priority: int | None = None,
@@ -401,10 +411,24 @@ class InferStream:
     ) -> Future[InferResult]:
         """Send one request; its future resolves to an InferResult or raises its own error.
 
-        Blocks while ``max_in_flight`` requests await answers. Inputs the client
-        cannot encode raise InvalidInputError here (nothing is sent).
+        Args:
+            inputs: as in :meth:`InferenceClient.infer` (a mapping, or a bare value).
+            request_id: the request's id, echoed in ``InferResult.id`` (default: generated).
+            priority, parameters: as in :meth:`InferenceClient.infer`.
+
+        Returns:
+            A ``concurrent.futures.Future``; ``.result(timeout)`` returns the InferResult or
+            raises that request's error (InferenceServerError subclasses). Cancelling it, or
+            a ``.result`` that times out, affects no other request.
+
+        Raises:
+            InvalidInputError: inputs the client refuses (nothing is sent).
+            InferenceServerError: the stream already failed or is closed
+                (RequestCancelledError). Blocks while ``max_in_flight`` requests await answers.
         """
         request = self._request(inputs, request_id, priority, parameters)
+        if isinstance(request, InferenceServerError):
+            return self._failed(request)  # the model's metadata could not be had: this item fails
         future: Future[InferResult] = Future()
         with self._state:
             if self._reader is None and not self._finished:
@@ -412,29 +436,34 @@ class InferStream:
                     target=self._read_loop, name=f"tensorwire-stream-{self.model}", daemon=True
                 )
                 self._reader.start()
-            while len(self._pending) >= self._max_in_flight and not (self._error or self._closing):
+            while len(self._ledger) >= self._max_in_flight and not (self._error or self._closing):
                 self._state.wait()
             self._enqueue(request, future)
         return future
 
-    def map(self, inputs: Iterable[Inputs]) -> Iterator[Future[InferResult]]:
+    def map(self, inputs: Iterable[Inputs | Any]) -> Iterator[Future[InferResult]]:
         """Send every item of ``inputs`` and yield their futures in order, each once done.
 
         Requests keep flowing while earlier answers are consumed (up to the stream's
         ``max_in_flight``). Call ``.result()`` on each: it returns the result or raises
-        that request's own error without ending the iteration.
+        that request's own error without ending the iteration. Raises InvalidInputError
+        for an item the client refuses (items before it were sent).
         """
         waiting: collections.deque[Future[InferResult]] = collections.deque()
         for item in inputs:
             request = self._request(item, None, None, None)
+            if isinstance(request, InferenceServerError):
+                waiting.append(self._failed(request))
+                continue
             future: Future[InferResult] = Future()
             while True:
                 with self._state:
-                    if len(self._pending) < self._max_in_flight or self._error or self._closing:
+                    if len(self._ledger) < self._max_in_flight or self._error or self._closing:
                         self._enqueue(request, future)
                         break
-                    oldest = self._pending[0]
-                self._wait(oldest)  # make room by collecting the oldest answer
+                    oldest = self._ledger.oldest()
+                if oldest is not None:
+                    self._wait(oldest)  # make room by collecting the oldest answer
             waiting.append(future)
             while waiting and waiting[0].done():
                 yield waiting.popleft()
@@ -444,7 +473,7 @@ class InferStream:
             yield future
 
     def close(self, timeout: float | None = None) -> None:
-        """Half-close: no more requests; collect the outstanding answers, then end."""
+        """Half-close: no more requests; collect the outstanding answers (at most ``timeout`` seconds), then end."""
         with self._state:
             first, self._closing = not self._closing, True
         if first:

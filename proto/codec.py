@@ -71,7 +71,12 @@ class CodecError(ValueError):
 
 
 def element_count(shape: Sequence[int]) -> int:
-    """Number of elements in a tensor of ``shape``; rejects negative and non-integer dimensions."""
+    """Number of elements in a tensor of ``shape`` (any rank; ``[]`` is a scalar: 1).
+
+    Raises:
+        CodecError: a dimension is negative (-1 means "variable" in metadata, never in a
+            tensor sent) or not an integer.
+    """
     count = 1
     for dim in shape:
         try:
@@ -98,7 +103,14 @@ def _byte_view(raw: bytes | memoryview) -> memoryview:
 
 
 def datatype_of(array: np.ndarray) -> str:
-    """The v2 datatype name for a numpy array (object/str/bytes arrays are BYTES)."""
+    """The v2 datatype name for a numpy array's dtype (any shape; byte order ignored).
+
+    ``object``/``str``/``bytes`` arrays are BYTES, ``ml_dtypes.bfloat16`` arrays BF16,
+    float16/32/64 FP16/32/64, and so on (``NUMPY_DTYPES``).
+
+    Raises:
+        CodecError: the dtype has no v2 datatype (complex, datetime, structured, ...).
+    """
     kind = array.dtype.kind
     if kind in "OSU":
         return "BYTES"
@@ -124,7 +136,13 @@ def _as_bytes(element: Any) -> bytes:
 
 
 def serialize_bytes_tensor(array: np.ndarray) -> bytes:
-    """Length-prefixed concatenation of a BYTES tensor's elements (row-major)."""
+    """A BYTES tensor as raw contents: each element, row-major, after its 4-byte little-endian length.
+
+    ``array`` has any shape; its elements are ``bytes`` (or ``str``, encoded as UTF-8).
+
+    Raises:
+        CodecError: an element is neither bytes nor str, or is 4 GiB or longer.
+    """
     parts: list[bytes] = []
     for element in np.asarray(array, dtype=object).ravel(order="C"):
         data = _as_bytes(element)
@@ -136,7 +154,14 @@ def serialize_bytes_tensor(array: np.ndarray) -> bytes:
 
 
 def deserialize_bytes_tensor(raw: bytes | memoryview, count: int) -> np.ndarray:
-    """Split length-prefixed BYTES raw contents into a flat object array of ``count`` bytes."""
+    """Split length-prefixed BYTES raw contents into a flat (1-D) object array of ``count`` ``bytes``.
+
+    The caller reshapes it to the tensor's shape. ``count`` is checked against the buffer's
+    size before anything is allocated, so a forged shape cannot reserve memory.
+
+    Raises:
+        CodecError: a length prefix is missing or overruns the buffer, or bytes are left over.
+    """
     view = _byte_view(raw)
     offset, total = 0, len(view)
     if count < 0:
@@ -171,10 +196,11 @@ def deserialize_bytes_tensor(raw: bytes | memoryview, count: int) -> np.ndarray:
 
 
 def float32_to_bf16_bits(array: np.ndarray) -> np.ndarray:
-    """Round float32 values to bfloat16 (nearest-even) and return the 16-bit patterns.
+    """Round float32 values to bfloat16 (nearest-even) and return the 16-bit patterns (``<u2``).
 
-    NaNs become the quiet NaN with their sign kept (0x7FC0 / 0xFFC0), as
-    ml_dtypes does; the result has the input's shape (0-d included).
+    Any shape (0-d included); the result has the input's shape. Other float dtypes are
+    converted to float32 first. NaNs become the quiet NaN with their sign kept
+    (0x7FC0 / 0xFFC0), as ml_dtypes does.
     """
     values = np.asarray(array, dtype="<f4")
     # (np.ascontiguousarray would turn a 0-d array into shape (1,))
@@ -186,7 +212,7 @@ def float32_to_bf16_bits(array: np.ndarray) -> np.ndarray:
 
 
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
-    """Widen bfloat16 bit patterns to float32 (exact)."""
+    """Widen bfloat16 bit patterns (a ``uint16`` array of any shape) to float32, exactly; same shape."""
     return (bits.astype("<u4") << 16).view("<f4")
 
 
@@ -204,10 +230,22 @@ def _bf16_dtype() -> np.dtype | None:
 def decode_raw(
     raw: bytes | memoryview, datatype: str, shape: Sequence[int], *, bf16_as: str = "float32"
 ) -> np.ndarray:
-    """Decode one tensor's raw contents; zero-copy for fixed-size types.
+    """Decode one tensor's raw contents into an array of ``shape``; zero-copy for fixed-size types.
 
-    ``bf16_as`` is ``"float32"`` (default, exact widening), ``"bits"`` (uint16
-    patterns) or ``"bfloat16"`` (needs ``ml_dtypes``).
+    Args:
+        raw: the tensor's bytes from ``raw_input_contents``/``raw_output_contents``.
+        datatype: its v2 datatype.
+        shape: its full shape as sent (batch dimension included, when there is one).
+        bf16_as: ``"float32"`` (default, exact widening), ``"bits"`` (uint16 patterns) or
+            ``"bfloat16"`` (needs ``ml_dtypes``).
+
+    Returns:
+        A read-only array viewing ``raw`` for fixed-size datatypes (copy it to write); an
+        object array of ``bytes`` for BYTES; float32 (or as ``bf16_as`` says) for BF16.
+
+    Raises:
+        CodecError: unknown datatype, a bad shape, a byte count that does not match the
+            shape, BOOL bytes other than 0 and 1, malformed BYTES contents.
     """
     fast = _ZERO_COPY.get(datatype)
     if fast is not None and type(raw) is bytes:  # the common case: protobuf hands us immutable bytes
@@ -285,7 +323,12 @@ def _cast(array: np.ndarray, datatype: str, dtype: np.dtype) -> np.ndarray:
 
 
 def decode_contents(contents: pb.InferTensorContents, datatype: str, shape: Sequence[int]) -> np.ndarray:
-    """Decode typed ``InferTensorContents`` (copies: protobuf repeated fields are not buffers)."""
+    """Decode typed ``InferTensorContents`` into an array of ``shape`` (a copy: repeated fields are not buffers).
+
+    Raises:
+        CodecError: FP16/BF16 (raw only), an unknown datatype, a value count that does not
+            match the shape, or integers outside the datatype's range.
+    """
     count = element_count(shape)
     field = CONTENTS_FIELD.get(datatype)
     if field is None:
@@ -315,10 +358,18 @@ def decode_contents(contents: pb.InferTensorContents, datatype: str, shape: Sequ
 
 
 def encode_raw(array: np.ndarray, datatype: str | None = None) -> tuple[str, list[int], bytes]:
-    """Encode an array as (datatype, shape, raw bytes).
+    """Encode an array as ``(datatype, shape, raw bytes)`` for ``raw_input_contents``/``raw_output_contents``.
 
-    ``datatype`` defaults to the array's own; ``"BF16"`` rounds float arrays to
-    bfloat16 (or takes ml_dtypes bfloat16 / uint16 bit arrays as they are).
+    Args:
+        array: any shape (the shape is sent as it is: batch dimension included if the model batches).
+        datatype: the v2 datatype to send; default: the array's own (:func:`datatype_of`).
+            Another datatype casts: integers must fit the target's range, floats are never
+            cast to integers or BOOL; ``"BF16"`` rounds float arrays to bfloat16 (ml_dtypes
+            bfloat16 and uint16 bit-pattern arrays go as they are).
+
+    Raises:
+        CodecError: no v2 datatype for the dtype, an unknown ``datatype``, a cast that would
+            lose data (see above), a BYTES element that is not bytes or str.
     """
     array = np.asarray(array)
     datatype = datatype or datatype_of(array)
@@ -340,7 +391,13 @@ def encode_raw(array: np.ndarray, datatype: str | None = None) -> tuple[str, lis
 def encode_contents(
     array: np.ndarray, datatype: str | None = None
 ) -> tuple[str, list[int], pb.InferTensorContents]:
-    """Encode an array into typed ``InferTensorContents`` (for peers that do not read raw)."""
+    """Encode an array into typed ``InferTensorContents`` (for peers that do not read raw).
+
+    Returns ``(datatype, shape, contents)``; casting rules as in :func:`encode_raw`.
+
+    Raises:
+        CodecError: FP16/BF16 (raw only), an unknown datatype, a cast that would lose data.
+    """
     array = np.asarray(array)
     datatype = datatype or datatype_of(array)
     field = CONTENTS_FIELD.get(datatype)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from collections.abc import Callable
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import grpc
 from model_factory import onnx_add_sub, onnx_identity, python_model, sleeper_model
 
 from tensorwire.proto import codec
+from tensorwire.proto.service import METHODS, SERVICE_NAME
 
 #: Every v2 datatype, each served by an identity model named identity_<datatype lowercase>.
 ALL_DATATYPES: tuple[str, ...] = codec.DATATYPES
@@ -148,3 +153,29 @@ def make_certificates(folder: Path) -> Certificates:
         client_key=write_key(folder / "client.key", client_key),
         other_ca=write_cert(folder / "other-ca.pem", other_cert),
     )
+
+
+def in_process_server(handlers: dict[str, Callable[..., Any]], port: int = 0) -> tuple[grpc.Server, int]:
+    """A plain gRPC server on 127.0.0.1 serving some methods of the v2 service with ``handlers``.
+
+    ``handlers`` maps method names (``"ModelInfer"``, ``"ModelStreamInfer"``) to behaviours
+    written as gRPC servicer functions; methods not given answer UNIMPLEMENTED. For tests that
+    must script exactly what a server does. Returns the started server and its port.
+    """
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    methods = {}
+    for name, behaviour in handlers.items():
+        method = METHODS[name]
+        methods[name] = kinds[(method.client_streaming, method.server_streaming)](
+            behaviour,
+            request_deserializer=method.request.FromString,
+            response_serializer=method.response.SerializeToString,
+        )
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, methods)])
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    return server, bound

@@ -16,7 +16,7 @@ from concurrent import futures
 import grpc
 import numpy as np
 import pytest
-from client_models import small_repo
+from client_models import in_process_server, small_repo
 from model_factory import sleeper_model
 from serving import free_port, running_server
 
@@ -243,3 +243,50 @@ def test_async_client_honours_pushback_and_never_retries_invalid_argument(script
             assert scripted.calls == 3
 
     asyncio.run(main())
+
+
+def test_a_call_the_server_may_have_run_is_never_retried():
+    """The connection drops while the server runs the request: the client must not send it again.
+
+    (gRPC's own retryPolicy would: it retries any UNAVAILABLE that came before response
+    headers, and a server killed mid-call is exactly that. This is why the SDK decides.)
+    """
+    ran: list[str] = []
+    started = threading.Event()
+
+    def serve(port: int, name: str, sleep_s: float) -> tuple[grpc.Server, int]:
+        def infer(request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
+            ran.append(name)
+            started.set()
+            time.sleep(sleep_s)
+            return pb.ModelInferResponse(model_name=request.model_name)
+
+        return in_process_server({"ModelInfer": infer}, port)
+
+    first, port = serve(0, "first", 3.0)
+    policy = RetryPolicy(max_attempts=10, initial_backoff=0.05, max_backoff=0.2, retry_server_unavailable=True)
+    second = None
+    try:
+        with InferenceClient(f"127.0.0.1:{port}", retry=policy) as client:
+            outcome: list[object] = []
+            call = threading.Thread(target=lambda: outcome.append(_try_infer(client)))
+            call.start()
+            assert started.wait(30)
+            first.stop(0)  # the connection drops while the request runs
+            second, _ = serve(port, "second", 0.0)  # and a healthy server is there at once
+            call.join(30)
+            assert ran == ["first"], ran  # never sent again
+            assert isinstance(outcome[0], UnavailableError) and client.retries == 0
+    finally:
+        first.stop(None)
+        if second is not None:
+            second.stop(None)
+
+
+def _try_infer(client: InferenceClient) -> object:
+    from tensorwire.client import Tensor
+
+    try:
+        return client.infer("m", {"INPUT0": Tensor(np.ones((1, 2), np.float32), "FP32")}, timeout=20)
+    except Exception as error:  # noqa: BLE001 - the test looks at whatever came back
+        return error

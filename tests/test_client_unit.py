@@ -145,7 +145,7 @@ def test_stream_error_messages_map_by_their_status_prefix():
     ],
 )
 def test_pushback_parsing(metadata, expected):
-    assert errors.pushback_seconds(metadata) == expected
+    assert errors.pushback_s(metadata) == expected
 
 
 # ------------------------------------------------------------------- retry
