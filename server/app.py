@@ -4,6 +4,11 @@ Shutdown: on SIGTERM/SIGINT readiness and health flip to
 NOT_SERVING first; the server keeps serving for ``drain_seconds`` so load
 balancers notice; then new inference is refused with UNAVAILABLE, everything
 accepted is finished (up to ``grace_seconds``), and the process exits 0.
+
+Memory: inference calls in flight are charged against one server-wide budget
+(``max_inflight_bytes``, enforced by the servicer when it reads a request), and
+no single message may exceed it; calls that fail authentication are refused
+before their message is read (see auth).
 """
 
 from __future__ import annotations
@@ -18,11 +23,12 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
-from prometheus_client import start_http_server
 
 from tensorwire.proto.service import SERVICE_NAME, standard_descriptor_pool
 from tensorwire.server.auth import TokenAuthInterceptor
+from tensorwire.server.budget import InflightBudget, default_budget_bytes
 from tensorwire.server.manager import ModelManager
+from tensorwire.server.metrics_http import start_metrics_server
 from tensorwire.server.servicer import Servicer
 from tensorwire.server.stats import Metrics
 
@@ -39,7 +45,8 @@ class ServerSettings:
     host: str = "0.0.0.0"
     grpc_port: int = 8001
     metrics_port: int = 8002  # 0 disables the metrics endpoint
-    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_message_bytes: int = MAX_MESSAGE_BYTES  # capped at max_inflight_bytes
+    max_inflight_bytes: int | None = None  # None: default_budget_bytes() (a quarter of the memory limit)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: clients must present a certificate it signed (mutual TLS)
@@ -68,9 +75,13 @@ class InferenceServer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        self.budget = InflightBudget(settings.max_inflight_bytes or default_budget_bytes())
+        self.metrics.watch_budget(lambda: self.budget.in_use, self.budget.limit)
+        #: The largest message either way: the configured limit, but never more than the budget holds.
+        self.max_message_bytes = min(settings.max_message_bytes, self.budget.limit)
         self.manager = ModelManager(settings.repo, self.metrics, settings.grace_seconds)
         self.health = health.aio.HealthServicer()
-        self.servicer = Servicer(self.manager, on_repository_change=self._sync_health)
+        self.servicer = Servicer(self.manager, on_repository_change=self._sync_health, budget=self.budget)
         self._stopping = asyncio.Event()
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
@@ -78,12 +89,15 @@ class InferenceServer:
 
     def _build(self) -> grpc.aio.Server:
         s = self.settings
-        interceptors = [TokenAuthInterceptor(s.auth_token)] if s.auth_token else []
+        interceptors = []
+        if s.auth_token:
+            refused = self.metrics.refuse
+            interceptors.append(TokenAuthInterceptor(s.auth_token, lambda method: refused(method, "unauthenticated")))
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", s.max_message_bytes),
-                ("grpc.max_send_message_length", s.max_message_bytes),
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.max_send_message_length", self.max_message_bytes),
                 ("grpc.so_reuseport", 0),
                 # Let clients keep idle connections alive with pings (every 10 s at most).
                 ("grpc.keepalive_permit_without_calls", 1),
@@ -112,7 +126,8 @@ class InferenceServer:
         return server
 
     def _sync_health(self) -> None:
-        """Health statuses: '' and the service for the server; each model by name."""
+        """Health statuses: '' and the service for the server; each model by name. Also drops the
+        statistics and metric series of versions no longer served."""
         serving = self.servicer.started and not self.servicer.draining
         status = health_pb2.HealthCheckResponse
         server_status = status.SERVING if serving else status.NOT_SERVING
@@ -125,6 +140,9 @@ class InferenceServer:
         self._health_names |= names
         for name, value in updates.items():
             loop.create_task(self.health.set(name, value))
+        served = {(v.name, str(v.version)) for v in self.manager.served_versions()}
+        for model, version in self.metrics.retain(served):
+            log.info("event=metrics_removed model=%s version=%s", model, version)
 
     async def _health_loop(self) -> None:
         while True:
@@ -137,19 +155,19 @@ class InferenceServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         if self.settings.metrics_port:
-            start_http_server(
-                self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry
-            )
+            start_metrics_server(self.settings.metrics_port, self.settings.host, self.metrics.registry)
         self.manager.announce()
         self._server = self._build()
         await self._server.start()
         log.info(
-            "event=listening grpc=%s:%d metrics_port=%d tls=%s auth=%s",
+            "event=listening grpc=%s:%d metrics_port=%d tls=%s auth=%s max_inflight_bytes=%d max_message_bytes=%d",
             self.settings.host,
             self.settings.grpc_port,
             self.settings.metrics_port,
             bool(self.settings.tls_cert),
             bool(self.settings.auth_token),
+            self.budget.limit,
+            self.max_message_bytes,
         )
         await self.manager.load_all()
         self.servicer.started = True
