@@ -2,7 +2,7 @@
 
 prometheus-client's ``start_http_server`` answers its metrics on every path, so a health probe pointed at
 this port by mistake (``/v2/health/ready``, ``/healthz``) would always see 200. Here only ``/metrics``
-(GET or HEAD, with the content negotiation Prometheus uses: OpenMetrics or text, gzip) answers.
+answers (GET, with the content negotiation Prometheus uses: OpenMetrics or text format, gzip).
 """
 
 from __future__ import annotations
