@@ -56,9 +56,7 @@ def ops_repo(tmp_path_factory):
     garbage_onnx(repo, "partial", version=2, version_policy={"all": True})
     # Version policies.
     for version in (1, 2, 3):
-        onnx_identity(
-            repo, "all_versions", dims=[16], max_batch_size=8, version=version, version_policy={"all": True}
-        )
+        onnx_identity(repo, "all_versions", dims=[16], max_batch_size=8, version=version, version_policy={"all": True})
         onnx_identity(
             repo,
             "specific_versions",
@@ -191,9 +189,7 @@ def test_reflection_descriptors_match_our_messages(ops_server):
             pb.ModelStreamInferResponse,
         ):
             theirs = pool.FindMessageTypeByName(f"inference.{ours.DESCRIPTOR.name}")
-            assert {(f.name, f.number) for f in theirs.fields} == {
-                (f.name, f.number) for f in ours.DESCRIPTOR.fields
-            }
+            assert {(f.name, f.number) for f in theirs.fields} == {(f.name, f.number) for f in ours.DESCRIPTOR.fields}
 
 
 # ------------------------------------------------------------ (c) metrics
