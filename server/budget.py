@@ -3,11 +3,13 @@
 Every inference request is charged its serialized size from the moment the server has read it until its
 answer has been sent, and its answer's size from when the outputs are ready; a request that would take the
 total past the limit is refused with RESOURCE_EXHAUSTED before it is parsed. A unary ModelInfer is not even
-read while the budget is spent (HTTP/2 flow control then holds the caller's bytes on its side). The budget
-lives on the event loop: no locks.
+read while the budget is spent (HTTP/2 flow control then holds the caller's bytes on its side); messages
+being read count as a large recent request each (the largest recent size, decaying by 10 % per request),
+so a burst of calls cannot all start reading into an almost full budget. The budget lives on the event loop: no locks.
 
-What it counts is message bytes; the process holds somewhat more per request (the parsed message and, for
-a few datatypes, decoded copies), so set the limit below the memory you can spare, not at it.
+What it counts is message bytes; the process holds more per request while it is decoded, batched and
+answered (see README, Security, for the measured ratio), so set the limit well below the memory you can
+spare.
 """
 
 from __future__ import annotations
@@ -68,11 +70,26 @@ class InflightBudget:
             raise ValueError(f"the in-flight memory budget must be positive, got {limit_bytes}")
         self.limit = limit_bytes
         self.in_use = 0
+        self.reading = 0  # bytes expected from messages being read now (a typical size each)
+        self.typical = 64 * 2**10  # the largest recent request size, decaying 10 % per request seen
 
     @property
     def spent(self) -> bool:
-        """True when nothing more fits: new unary calls are refused before their message is read."""
-        return self.in_use >= self.limit
+        """True when nothing more fits, counting messages being read: new unary calls are then refused
+        before their message is read."""
+        return self.in_use + self.reading >= self.limit
+
+    def start_read(self) -> int:
+        """A message is about to be read: count it as a large recent request until ``end_read``."""
+        expected = int(self.typical)
+        self.reading += expected
+        return expected
+
+    def end_read(self, expected: int, size: int | None) -> None:
+        """The read counted by ``start_read`` is over (``size`` bytes, or None if nothing came)."""
+        self.reading -= expected
+        if size is not None:
+            self.typical = max(size, 0.9 * self.typical)
 
     def acquire(self, n: int) -> None:
         """Charge ``n`` bytes; raises MemoryBudgetError (charging nothing) when they do not fit."""

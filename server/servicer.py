@@ -62,11 +62,14 @@ _MAX_VERSION = 2**63 - 1  # versions are int64 on the wire (Triton's GetModelVer
 class _StreamItem:
     """One request of a stream on its way: queued in a batcher (``future``) or already failed.
 
-    ``held`` is what it is charged against the memory budget; ``version`` is set once the request
-    resolved (its statistics then expect exactly one outcome: ``recorded`` says it was given).
+    Only what the answer echoes is kept of the message (its tensors live on in ``core``). ``held`` is what
+    it is charged against the memory budget; ``version`` is set once the request resolved (its statistics
+    then expect exactly one outcome: ``recorded`` says it was given).
     """
 
-    request: pb.ModelInferRequest
+    request_id: str
+    model_name: str
+    model_version: str
     started: int
     held: int = 0
     version: ModelVersion | None = None
@@ -262,7 +265,11 @@ class Servicer:
         if budget.spent:
             self.metrics.refuse("ModelInfer", "memory_budget")
             await self._abort(context, budget.refusal())
-        raw = await context.read()
+        expected, raw = budget.start_read(), grpc.aio.EOF
+        try:
+            raw = await context.read()
+        finally:
+            budget.end_read(expected, len(raw) if isinstance(raw, bytes) else None)
         if raw is grpc.aio.EOF:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended before a ModelInferRequest")
         held = len(raw)
@@ -281,8 +288,10 @@ class Servicer:
         except DecodeError as err:
             await self._malformed("ModelInfer", pb.ModelInferRequest, context, err)
         del raw  # parsed: the message owns the tensors now
+        infer = self._infer(request, context)
+        del request  # _infer lets go of it once the tensors are decoded
         try:
-            response = (await self._infer(request, context)).SerializeToString()
+            response = (await infer).SerializeToString()
         except ServingError as err:
             await self._abort(context, err)
         budget.charge(len(response))
@@ -290,15 +299,20 @@ class Servicer:
         return response
 
     async def _infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        """Resolve, validate, queue and await one request; its outcome is counted exactly once."""
+        """Resolve, validate, queue and await one request; its outcome is counted exactly once.
+
+        The message is dropped as soon as its tensors are decoded: while the request waits and runs, only
+        the decoded tensors (and a few strings) stay in memory."""
         started = time.perf_counter_ns()
-        version = self._resolve("ModelInfer", request.model_name, request.model_version)
+        request_id, model_name = request.id, request.model_name
+        version = self._resolve("ModelInfer", model_name, request.model_version)
         stats = version.stats
         stats.begin()
         try:
             core = build_request(version, request, context.time_remaining())
+            del request
             outputs = await version.infer(core)
-            response = build_response(version, request.id, outputs)
+            response = build_response(version, request_id, outputs)
         except asyncio.CancelledError:
             stats.record_failure(time.perf_counter_ns() - started, "cancelled")
             raise
@@ -307,7 +321,7 @@ class Servicer:
             raise
         except Exception as err:  # noqa: BLE001 - a bug of ours: INTERNAL, traceback to the log
             stats.record_failure(time.perf_counter_ns() - started, "internal")
-            raise internal_error(request.model_name, err) from None
+            raise internal_error(model_name, err) from None
         stats.record_success(time.perf_counter_ns() - started)
         return response
 
@@ -382,7 +396,7 @@ class Servicer:
     def _stream_submit(self, request: pb.ModelInferRequest, size: int, time_remaining: float | None) -> _StreamItem:
         """Charge, resolve, validate and queue one stream request without waiting for it (no task per
         message); failures are kept on the item and answered in order."""
-        item = _StreamItem(request, time.perf_counter_ns())
+        item = _StreamItem(request.id, request.model_name, request.model_version, time.perf_counter_ns())
         try:
             self.budget.acquire(size)
         except MemoryBudgetError as err:
@@ -407,7 +421,7 @@ class Servicer:
 
     async def _stream_answer(self, item: _StreamItem) -> bytes:
         """The serialized answer to one stream item (its outputs or its error, with the request's id)."""
-        request, version = item.request, item.version
+        version = item.version
         if item.error is None:
             try:
                 outputs = await item.future
@@ -416,9 +430,9 @@ class Servicer:
             else:
                 item.core = None
                 try:
-                    response = build_response(version, request.id, outputs)
+                    response = build_response(version, item.request_id, outputs)
                 except Exception as err:  # noqa: BLE001 - a bug of ours
-                    item.error = internal_error(request.model_name, err)
+                    item.error = internal_error(item.model_name, err)
                 else:
                     self._stream_outcome(item, None)
                     answer = pb.ModelStreamInferResponse(infer_response=response).SerializeToString()
@@ -431,7 +445,7 @@ class Servicer:
         return pb.ModelStreamInferResponse(
             error_message=f"{err.status}: {err}",
             infer_response=pb.ModelInferResponse(
-                model_name=request.model_name, model_version=request.model_version, id=request.id
+                model_name=item.model_name, model_version=item.model_version, id=item.request_id
             ),
         ).SerializeToString()
 
