@@ -21,7 +21,7 @@ from pathlib import Path
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from tensorwire.proto.service import SERVICE_NAME, standard_descriptor_pool
@@ -30,6 +30,7 @@ from tensorwire.server.budget import InflightBudget, default_budget_bytes
 from tensorwire.server.manager import ModelManager
 from tensorwire.server.metrics_http import start_metrics_server
 from tensorwire.server.servicer import Servicer
+from tensorwire.server.standard_services import health_handler, reflection_handler
 from tensorwire.server.stats import Metrics
 
 log = logging.getLogger("tensorwire.server")
@@ -107,9 +108,10 @@ class InferenceServer:
         )
         # Registered (not generic) handlers: gRPC matches the path in C, without a Python lookup per call.
         server.add_registered_method_handlers(SERVICE_NAME, self.servicer.method_handlers())
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server, pool=reflection_pool()
+        refuse = self.servicer.refuse_malformed
+        services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        server.add_generic_rpc_handlers(
+            (health_handler(self.health, refuse), reflection_handler(services, reflection_pool(), refuse))
         )
         address = f"{s.host}:{s.grpc_port}"
         if s.tls_cert and s.tls_key:

@@ -145,16 +145,19 @@ class Servicer:
             self.metrics.refuse(method, failure_reason(err))
             raise
 
-    async def _malformed(
+    async def refuse_malformed(
         self, method: str, message: type[Message], context: grpc.aio.ServicerContext, err: Exception
     ) -> None:
-        """Refuse a message that does not parse: INVALID_ARGUMENT, counted, at most a line per interval."""
+        """Refuse a message that does not parse: INVALID_ARGUMENT, counted under ``method``, at most a log
+        line per interval. Raises grpc.aio.AbortError (the call is over)."""
         self.metrics.refuse(method, "malformed")
         self._limited_log.warning("malformed_message", "method=%s peer=%s error=%r", method, context.peer(), str(err))
+        name = message.DESCRIPTOR.full_name
+        if name.startswith(f"{pb.DESCRIPTOR.package}."):  # ours travel under the standard package name
+            name = f"inference.{message.DESCRIPTOR.name}"
         await context.abort(
             grpc.StatusCode.INVALID_ARGUMENT,
-            f"the request is not a valid inference.{message.DESCRIPTOR.name} protobuf message; "
-            f"send the serialized message {method} expects",
+            f"the request is not a valid {name} protobuf message; send the serialized message {method} expects",
         )
 
     # -------------------------------------------------------------- health
@@ -286,7 +289,7 @@ class Servicer:
         try:
             request = pb.ModelInferRequest.FromString(raw)
         except DecodeError as err:
-            await self._malformed("ModelInfer", pb.ModelInferRequest, context, err)
+            await self.refuse_malformed("ModelInfer", pb.ModelInferRequest, context, err)
         del raw  # parsed: the message owns the tensors now
         infer = self._infer(request, context)
         del request  # _infer lets go of it once the tensors are decoded
@@ -502,7 +505,7 @@ class Servicer:
             try:
                 request = message.FromString(raw)
             except DecodeError as err:
-                await self._malformed(name, message, context, err)
+                await self.refuse_malformed(name, message, context, err)
             try:
                 return await handler(request, context)
             except (asyncio.CancelledError, grpc.aio.AbortError):

@@ -254,3 +254,27 @@ def test_malformed_messages_get_at_most_a_rate_limited_log_line(plain_server):
     assert "Traceback" not in log
     # one line per 10 s per kind at most; the whole module runs in well under a minute
     assert 1 <= log.count("event=malformed_message") <= 6
+
+
+@pytest.mark.parametrize(
+    "path, kind",
+    [
+        ("/grpc.health.v1.Health/Check", "unary"),
+        ("/grpc.health.v1.Health/Watch", "server_stream"),
+        ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "bidi"),
+    ],
+)
+def test_health_and_reflection_refuse_garbage_the_same_way(plain_server, path, kind):
+    """The health service answers without a token: garbage there must not cost a traceback per call."""
+    with plain_server.channel() as channel:
+        for _ in range(5):
+            with pytest.raises(grpc.RpcError) as caught:
+                if kind == "unary":
+                    channel.unary_unary(path)(b"\xff" * 32, timeout=5)
+                elif kind == "server_stream":
+                    list(channel.unary_stream(path)(b"\xff" * 32, timeout=5))
+                else:
+                    list(channel.stream_stream(path)(iter([b"\xff" * 32]), timeout=5))
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    time.sleep(0.2)
+    assert "Traceback" not in plain_server.log()
