@@ -102,6 +102,7 @@ class InflightBudget:
         self.in_use += n
 
     def release(self, n: int) -> None:
+        """Give back ``n`` bytes charged by ``acquire`` or ``charge`` (the call's answer has been sent)."""
         self.in_use -= n
 
     def refusal(self, n: int | None = None) -> MemoryBudgetError:

@@ -58,6 +58,7 @@ class GpuCollector(Collector):
             return self._nvml
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        """The three per-GPU families, read now (called by each scrape, from the metrics HTTP thread)."""
         nvml = self._library()
         if nvml is None:
             return
