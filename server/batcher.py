@@ -108,7 +108,7 @@ class DynamicBatcher:
         self._preferred = sorted(set(targets))
         self._preferred_set = set(settings.preferred_batch_sizes)
         self._delay_timer: asyncio.TimerHandle | None = None
-        self._running_since: dict[int, int] = {}  # replica index -> dispatch time of its batch
+        self._running_since: dict[int, tuple[int, int]] = {}  # replica index -> (dispatch ns, requests)
         self._last_arrival_ns = 0
         self._gap_ns = float("inf")  # moving average of the time between arrivals
         self._service_ns = 0.0  # moving average of a batch's wall time per request in it (0: none measured)
@@ -200,13 +200,13 @@ class DynamicBatcher:
 
         Service time per request is a moving average of each batch's wall time (dispatch to outputs)
         divided by the requests in it; the replicas work in parallel. Before any batch has finished, the
-        time the running batches have taken so far is the lower bound used. Clamped to [1 ms, 60 s]: a
-        client waits it out only when it fits the call's deadline.
+        time the running batches have taken so far (per request in them) is the lower bound used.
+        Clamped to [1 ms, 60 s]: a client waits it out only when it fits the call's deadline.
         """
         per_request_ns = self._service_ns
         if not per_request_ns:
             now = time.perf_counter_ns()
-            running = [now - since for since in self._running_since.values()]
+            running = [(now - since) / n for since, n in self._running_since.values()]
             per_request_ns = max(running, default=1e6)
         clear_ns = self._queued * per_request_ns / max(1, len(self._replicas))
         return int(max(1, min(60_000, clear_ns / 1e6)))
@@ -292,7 +292,7 @@ class DynamicBatcher:
         self._running += len(batch)
         self.stats.pending_gauge.dec(len(batch))
         replica = self._idle.pop()
-        self._running_since[replica.index] = now
+        self._running_since[replica.index] = (now, len(batch))
         replica.submit(batch, lambda rep, outcome: self._on_done(rep, batch, rows, reason, outcome))
 
     def _on_done(
@@ -301,7 +301,7 @@ class DynamicBatcher:
         self._idle.append(replica)
         self._running -= len(batch)
         now = time.perf_counter_ns()
-        started = self._running_since.pop(replica.index, now)
+        started, _ = self._running_since.pop(replica.index, (now, 0))
         wall_ns = (now - started) / len(batch)
         self._service_ns = wall_ns if not self._service_ns else 0.8 * self._service_ns + 0.2 * wall_ns
         t = outcome.timings
