@@ -9,7 +9,10 @@ of the message's bytes.
 numpy has no bfloat16: BF16 tensors decode to float32 (exact, the bf16 bits
 shifted into the high half) unless ``ml_dtypes`` is installed and its
 ``bfloat16`` dtype is asked for; float32 arrays encode to BF16 with
-round-to-nearest-even when the caller names the datatype ``"BF16"``.
+round-to-nearest-even when the caller names the datatype ``"BF16"``. Values
+that bfloat16 holds exactly (every widened BF16 value, NaN payloads, signed
+zeros and subnormals included) encode back to the same bits, so BF16 passes
+bit-exact through a float32 detour.
 """
 
 from __future__ import annotations
@@ -43,9 +46,7 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
 DATATYPES: tuple[str, ...] = tuple(NUMPY_DTYPES)
 
 #: Bytes per element on the wire (BYTES is variable).
-ELEMENT_SIZE: dict[str, int] = {
-    name: dtype.itemsize for name, dtype in NUMPY_DTYPES.items() if name != "BYTES"
-}
+ELEMENT_SIZE: dict[str, int] = {name: dtype.itemsize for name, dtype in NUMPY_DTYPES.items() if name != "BYTES"}
 
 #: Which InferTensorContents field carries each datatype (FP16/BF16: none).
 CONTENTS_FIELD: dict[str, str] = {
@@ -64,6 +65,7 @@ CONTENTS_FIELD: dict[str, str] = {
 }
 
 _LENGTH = struct.Struct("<I")
+CONTENTS_FIELD_NUMBER_FP32 = pb.InferTensorContents.DESCRIPTOR.fields_by_name["fp32_contents"].number
 
 
 class CodecError(ValueError):
@@ -170,21 +172,16 @@ def deserialize_bytes_tensor(raw: bytes | memoryview, count: int) -> np.ndarray:
         # Checked before allocating: a forged shape must not make us reserve
         # memory for elements that cannot be there (each needs its 4-byte prefix).
         raise CodecError(
-            f"BYTES contents of {total} bytes cannot hold {count} elements"
-            " (each needs a 4-byte length prefix)"
+            f"BYTES contents of {total} bytes cannot hold {count} elements (each needs a 4-byte length prefix)"
         )
     out = np.empty(count, dtype=object)
     for index in range(count):
         if offset + 4 > total:
-            raise CodecError(
-                f"BYTES contents end after {index} of {count} elements (missing 4-byte length prefix)"
-            )
+            raise CodecError(f"BYTES contents end after {index} of {count} elements (missing 4-byte length prefix)")
         (length,) = _LENGTH.unpack_from(view, offset)
         offset += 4
         if offset + length > total:
-            raise CodecError(
-                f"BYTES element {index} declares {length} bytes but only {total - offset} remain"
-            )
+            raise CodecError(f"BYTES element {index} declares {length} bytes but only {total - offset} remain")
         out[index] = bytes(view[offset : offset + length])
         offset += length
     if offset != total:
@@ -199,16 +196,18 @@ def float32_to_bf16_bits(array: np.ndarray) -> np.ndarray:
     """Round float32 values to bfloat16 (nearest-even) and return the 16-bit patterns (``<u2``).
 
     Any shape (0-d included); the result has the input's shape. Other float dtypes are
-    converted to float32 first. NaNs become the quiet NaN with their sign kept
-    (0x7FC0 / 0xFFC0), as ml_dtypes does.
+    converted to float32 first. A NaN whose low 16 bits are zero is a bfloat16 NaN
+    widened: it keeps its payload (signalling or not) exactly. Any other NaN becomes
+    the quiet NaN with its sign kept (0x7FC0 / 0xFFC0), as ml_dtypes does.
     """
     values = np.asarray(array, dtype="<f4")
     # (np.ascontiguousarray would turn a 0-d array into shape (1,))
     bits = np.ascontiguousarray(values).view("<u4").reshape(values.shape)
     rounding = ((bits >> 16) & 1) + 0x7FFF
     rounded = (bits + rounding) >> 16
-    quiet_nan = ((bits >> 16) & 0x8000) | 0x7FC0
-    return np.asarray(np.where(np.isnan(values), quiet_nan, rounded), dtype="<u2")
+    high = bits >> 16
+    nan_bits = np.where(bits & 0xFFFF, (high & 0x8000) | 0x7FC0, high)
+    return np.asarray(np.where(np.isnan(values), nan_bits, rounded), dtype="<u2")
 
 
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
@@ -269,8 +268,7 @@ def decode_raw(
     expected = count * dtype.itemsize
     if len(view) != expected:
         raise CodecError(
-            f"{datatype} tensor of shape {list(shape)} needs {expected} bytes of raw contents,"
-            f" got {len(view)}"
+            f"{datatype} tensor of shape {list(shape)} needs {expected} bytes of raw contents, got {len(view)}"
         )
     array = np.frombuffer(view, dtype=dtype).reshape(shape)
     # A view of the caller's buffer: never let a consumer write through it
@@ -316,9 +314,7 @@ def _cast(array: np.ndarray, datatype: str, dtype: np.dtype) -> np.ndarray:
         info = np.iinfo(dtype)
         low, high = int(array.min()), int(array.max())
         if low < info.min or high > info.max:
-            raise CodecError(
-                f"values in [{low}, {high}] do not fit {datatype} (range [{info.min}, {info.max}])"
-            )
+            raise CodecError(f"values in [{low}, {high}] do not fit {datatype} (range [{info.min}, {info.max}])")
     return array.astype(dtype)
 
 
@@ -337,13 +333,13 @@ def decode_contents(contents: pb.InferTensorContents, datatype: str, shape: Sequ
         raise CodecError(f"unknown datatype {datatype!r}; expected one of {', '.join(DATATYPES)}")
     values = getattr(contents, field)
     if len(values) != count:
-        raise CodecError(
-            f"{datatype} tensor of shape {list(shape)} needs {count} values in {field}, got {len(values)}"
-        )
+        raise CodecError(f"{datatype} tensor of shape {list(shape)} needs {count} values in {field}, got {len(values)}")
     if datatype == "BYTES":
         array = np.empty(count, dtype=object)
         array[:] = list(values)
         return array.reshape(tuple(shape))
+    if datatype == "FP32":
+        return _fp32_contents(contents, count).reshape(tuple(shape))
     dtype = NUMPY_DTYPES[datatype]
     if datatype not in ("BOOL", "FP32", "FP64"):
         info = np.iinfo(dtype)
@@ -352,6 +348,34 @@ def decode_contents(contents: pb.InferTensorContents, datatype: str, shape: Sequ
             raise CodecError(f"{datatype} values in {field} fall outside [{info.min}, {info.max}]")
         return wide.astype(dtype).reshape(tuple(shape))
     return np.asarray(values, dtype=dtype).reshape(tuple(shape))
+
+
+def _varint(data: bytes, offset: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[offset]
+        offset += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, offset
+
+
+def _fp32_contents(contents: pb.InferTensorContents, count: int) -> np.ndarray:
+    """``fp32_contents`` bit-exact, from the message's own (packed, little-endian) bytes.
+
+    Reading the repeated field widens each value to a Python float (a C double), which quiets signalling
+    NaNs; the serialized field holds the sender's four bytes per value unchanged. Falls back to the field
+    when other fields are set too (a message no well-behaved sender builds).
+    """
+    if count and len(contents.ListFields()) == 1:
+        data = contents.SerializeToString()
+        tag, offset = _varint(data, 0)
+        if tag == (CONTENTS_FIELD_NUMBER_FP32 << 3 | 2):
+            length, offset = _varint(data, offset)
+            if length == count * 4 and offset + length == len(data):
+                return np.frombuffer(data, dtype="<f4", offset=offset, count=count)
+    return np.asarray(contents.fp32_contents, dtype="<f4")
 
 
 # ---------------------------------------------------------------- encode

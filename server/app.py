@@ -5,6 +5,11 @@ NOT_SERVING first and no model is loaded any more; the server keeps serving for 
 balancers notice; then new inference is refused with UNAVAILABLE, everything accepted is finished (up to
 ``grace_seconds``, a hung model included: its replicas are abandoned), and the process exits 0. Loads
 still running in their threads are abandoned too; nothing keeps the process past the grace period.
+
+Memory: inference calls in flight are charged against one server-wide budget
+(``max_inflight_bytes``, enforced by the servicer when it reads a request), and
+no single message may exceed it; calls that fail authentication are refused
+before their message is read (see auth).
 """
 
 from __future__ import annotations
@@ -17,14 +22,16 @@ from pathlib import Path
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
-from prometheus_client import start_http_server
 
 from tensorwire.proto.service import SERVICE_NAME, standard_descriptor_pool
 from tensorwire.server.auth import TokenAuthInterceptor
+from tensorwire.server.budget import InflightBudget, default_budget_bytes
 from tensorwire.server.manager import ModelManager
+from tensorwire.server.metrics_http import start_metrics_server
 from tensorwire.server.servicer import Servicer
+from tensorwire.server.standard_services import health_handler, reflection_handler
 from tensorwire.server.stats import Metrics
 
 log = logging.getLogger("tensorwire.server")
@@ -40,7 +47,8 @@ class ServerSettings:
     host: str = "0.0.0.0"
     grpc_port: int = 8001
     metrics_port: int = 8002  # 0 disables the metrics endpoint
-    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_message_bytes: int = MAX_MESSAGE_BYTES  # capped at max_inflight_bytes
+    max_inflight_bytes: int | None = None  # None: default_budget_bytes() (a quarter of the memory limit)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: clients must present a certificate it signed (mutual TLS)
@@ -70,11 +78,15 @@ class InferenceServer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        self.budget = InflightBudget(settings.max_inflight_bytes or default_budget_bytes())
+        self.metrics.watch_budget(lambda: self.budget.in_use, self.budget.limit)
+        #: The largest message either way: the configured limit, but never more than the budget holds.
+        self.max_message_bytes = min(settings.max_message_bytes, self.budget.limit)
         self.manager = ModelManager(
             settings.repo, self.metrics, settings.grace_seconds, strict_readiness=settings.strict_readiness
         )
         self.health = health.aio.HealthServicer()
-        self.servicer = Servicer(self.manager, on_repository_change=self._sync_health)
+        self.servicer = Servicer(self.manager, on_repository_change=self._sync_health, budget=self.budget)
         self._stopping = asyncio.Event()
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
@@ -82,12 +94,15 @@ class InferenceServer:
 
     def _build(self) -> grpc.aio.Server:
         s = self.settings
-        interceptors = [TokenAuthInterceptor(s.auth_token)] if s.auth_token else []
+        interceptors = []
+        if s.auth_token:
+            refused = self.metrics.refuse
+            interceptors.append(TokenAuthInterceptor(s.auth_token, lambda method: refused(method, "unauthenticated")))
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", s.max_message_bytes),
-                ("grpc.max_send_message_length", s.max_message_bytes),
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.max_send_message_length", self.max_message_bytes),
                 ("grpc.so_reuseport", 0),
                 # Let clients keep idle connections alive with pings (every 10 s at most).
                 ("grpc.keepalive_permit_without_calls", 1),
@@ -97,9 +112,10 @@ class InferenceServer:
         )
         # Registered (not generic) handlers: gRPC matches the path in C, without a Python lookup per call.
         server.add_registered_method_handlers(SERVICE_NAME, self.servicer.method_handlers())
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server, pool=reflection_pool()
+        refuse = self.servicer.refuse_malformed
+        services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        server.add_generic_rpc_handlers(
+            (health_handler(self.health, refuse), reflection_handler(services, reflection_pool(), refuse))
         )
         address = f"{s.host}:{s.grpc_port}"
         if s.tls_cert and s.tls_key:
@@ -116,7 +132,8 @@ class InferenceServer:
         return server
 
     def _sync_health(self) -> None:
-        """Health statuses: '' and the service for the server; each model by name."""
+        """Health statuses: '' and the service for the server; each model by name. Also drops the
+        statistics and metric series of versions no longer served."""
         serving = self.servicer.started and not self.servicer.draining
         status = health_pb2.HealthCheckResponse
         server_status = status.SERVING if serving and self.manager.models_ready() else status.NOT_SERVING
@@ -129,6 +146,9 @@ class InferenceServer:
         self._health_names |= names
         for name, value in updates.items():
             loop.create_task(self.health.set(name, value))
+        served = {(v.name, str(v.version)) for v in self.manager.served_versions()}
+        for model, version in self.metrics.retain(served):
+            log.info("event=metrics_removed model=%s version=%s", model, version)
 
     async def _health_loop(self) -> None:
         while True:
@@ -144,18 +164,21 @@ class InferenceServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         if self.settings.metrics_port:
-            start_http_server(self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry)
+            start_metrics_server(self.settings.metrics_port, self.settings.host, self.metrics.registry)
         self.manager.announce()
         self._server = self._build()
         await self._server.start()
         log.info(
-            "event=listening grpc=%s:%d metrics_port=%d tls=%s auth=%s strict_readiness=%s",
+            "event=listening grpc=%s:%d metrics_port=%d tls=%s auth=%s strict_readiness=%s "
+            "max_inflight_bytes=%d max_message_bytes=%d",
             self.settings.host,
             self.settings.grpc_port,
             self.settings.metrics_port,
             bool(self.settings.tls_cert),
             bool(self.settings.auth_token),
             self.settings.strict_readiness,
+            self.budget.limit,
+            self.max_message_bytes,
         )
         loading = loop.create_task(self.manager.load_all())
         stopping = loop.create_task(self._stopping.wait())

@@ -10,6 +10,10 @@ sees large batches with no timer in the way.
 Deadlines are enforced by timers, not when a batch finishes: an expired
 queued request is answered DEADLINE_EXCEEDED and is never executed; a
 cancelled one is dropped from the queue and never executed.
+
+Statistics: the batcher reports each batch run (``record_execution``) and each
+request that got its outputs (``record_inference``); how a request ended
+(success or failure with its reason) is the front-end's to count, once.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class InferenceRequest(WorkItem):
         "arrival_ns",
         "state",
         "timer",
+        "dispatch_ns",
     )
 
     def __init__(
@@ -67,6 +72,7 @@ class InferenceRequest(WorkItem):
         self.arrival_ns = time.perf_counter_ns()
         self.state = QUEUED
         self.timer: asyncio.TimerHandle | None = None
+        self.dispatch_ns = 0  # when its batch went to a replica: queue time = dispatch_ns - arrival_ns
 
 
 def shape_key(inputs: dict[str, np.ndarray], batched: bool) -> tuple:
@@ -102,8 +108,10 @@ class DynamicBatcher:
         self._preferred = sorted(set(targets))
         self._preferred_set = set(settings.preferred_batch_sizes)
         self._delay_timer: asyncio.TimerHandle | None = None
+        self._running_since: dict[int, tuple[int, int]] = {}  # replica index -> (dispatch ns, requests)
         self._last_arrival_ns = 0
         self._gap_ns = float("inf")  # moving average of the time between arrivals
+        self._service_ns = 0.0  # moving average of a batch's wall time per request in it (0: none measured)
         self._accepting = True
         self._schedule_pending = False
         self._idle_event = asyncio.Event()
@@ -173,7 +181,6 @@ class DynamicBatcher:
         """The caller went away: drop a queued request (it will never run)."""
         if request.state == QUEUED:
             self._leave_queue(request, CANCELLED)
-            self.stats.record_failure(time.perf_counter_ns() - request.arrival_ns, "cancelled")
         elif request.state == RUNNING:
             request.state = CANCELLED  # the result, when it comes, is dropped
 
@@ -187,7 +194,6 @@ class DynamicBatcher:
             message = f"deadline passed after {waited_ms:.1f} ms while {self.label} was running the request"
         else:
             return
-        self.stats.record_failure(int(waited_ms * 1e6), "deadline")
         if request.future is not None and not request.future.done():
             request.future.set_exception(DeadlineExceededError(message))
 
@@ -200,9 +206,21 @@ class DynamicBatcher:
         self._maybe_idle()
 
     def _pushback_ms(self) -> int:
-        """A retry hint: roughly how long the queue ahead takes to clear."""
-        per_request_ns = self._gap_ns if self._gap_ns != float("inf") else 1e6
-        return int(max(1, min(1000, self._queued * per_request_ns / 1e6)))
+        """The retry hint for a refused request (``grpc-retry-pushback-ms``): how long the replicas take to
+        work off the queue ahead, from the measured service rate.
+
+        Service time per request is a moving average of each batch's wall time (dispatch to outputs)
+        divided by the requests in it; the replicas work in parallel. Before any batch has finished, the
+        time the running batches have taken so far (per request in them) is the lower bound used.
+        Clamped to [1 ms, 60 s]: a client waits it out only when it fits the call's deadline.
+        """
+        per_request_ns = self._service_ns
+        if not per_request_ns:
+            now = time.perf_counter_ns()
+            running = [(now - since) / n for since, n in self._running_since.values()]
+            per_request_ns = max(running, default=1e6)
+        clear_ns = self._queued * per_request_ns / max(1, len(self._replicas))
+        return int(max(1, min(60_000, clear_ns / 1e6)))
 
     # ---------------------------------------------------------- dispatch
 
@@ -280,11 +298,12 @@ class DynamicBatcher:
         now = time.perf_counter_ns()
         for request in batch:
             request.state = RUNNING
-            self.stats.record_queue(now - request.arrival_ns)
+            request.dispatch_ns = now
         self._queued -= len(batch)
         self._running += len(batch)
         self.stats.pending_gauge.dec(len(batch))
         replica = self._idle.pop()
+        self._running_since[replica.index] = (now, len(batch))
         replica.submit(batch, lambda rep, outcome: self._on_done(rep, batch, rows, reason, outcome))
 
     def _on_done(
@@ -293,10 +312,16 @@ class DynamicBatcher:
         if replica.alive and replica in self._replicas:  # a lost replica never runs another batch
             self._idle.append(replica)
         self._running -= len(batch)
-        t = outcome.timings
-        self.stats.record_batch(rows, len(batch), t.input_ns, t.infer_ns, t.output_ns, t.executions, reason)
-        self.stats.record_replica_busy(replica.device, replica.index, t.input_ns + t.infer_ns + t.output_ns)
         now = time.perf_counter_ns()
+        started, _ = self._running_since.pop(replica.index, (now, 0))
+        wall_ns = (now - started) / len(batch)
+        self._service_ns = wall_ns if not self._service_ns else 0.8 * self._service_ns + 0.2 * wall_ns
+        t = outcome.timings
+        succeeded = sum(not isinstance(result, Exception) for result in outcome.results)
+        # One run of the whole batch, or (after a failure) one more run per request: count those that worked.
+        successful_executions = (1 if succeeded else 0) if t.executions <= 1 else succeeded
+        self.stats.record_execution(rows, t.input_ns, t.infer_ns, t.output_ns, successful_executions, reason)
+        self.stats.record_replica_busy(replica.device, replica.index, t.input_ns + t.infer_ns + t.output_ns)
         for request, result in zip(batch, outcome.results, strict=True):
             if request.timer is not None:
                 request.timer.cancel()
@@ -304,10 +329,11 @@ class DynamicBatcher:
                 continue  # cancelled or expired while running: already answered
             request.state = DONE
             if isinstance(result, Exception):
-                if getattr(result, "status", "INTERNAL") in ("INTERNAL", "DEADLINE_EXCEEDED"):
-                    self.stats.record_failure(now - request.arrival_ns, "backend")  # others: by the caller
                 request.future.set_exception(result)
             else:
+                self.stats.record_inference(
+                    request.rows, request.dispatch_ns - request.arrival_ns, t.input_ns, t.infer_ns, t.output_ns
+                )
                 request.future.set_result(result)
         self._maybe_idle()
         self._schedule()

@@ -35,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=MAX_MESSAGE_BYTES,
         help="largest request or response accepted; larger ones get RESOURCE_EXHAUSTED",
     )
+    parser.add_argument(
+        "--max-inflight-bytes",
+        type=int,
+        default=None,
+        help="server-wide budget for request and response bytes of inference calls in flight; calls beyond it "
+        "get RESOURCE_EXHAUSTED, and no message may be larger (default: a quarter of the memory limit)",
+    )
     parser.add_argument("--tls-cert", type=Path, help="PEM server certificate (enables TLS; needs --tls-key)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     parser.add_argument(
@@ -93,6 +100,8 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         token = args.auth_token_file.read_text().strip()
         if not token:
             raise SystemExit(f"tensorwire serve: error: {args.auth_token_file} is empty")
+    if args.max_inflight_bytes is not None and args.max_inflight_bytes <= 0:
+        raise SystemExit("tensorwire serve: error: --max-inflight-bytes must be positive")
     if not args.repo.is_dir():
         raise SystemExit(f"tensorwire serve: error: repository {args.repo} is not a folder")
     return ServerSettings(
@@ -101,6 +110,7 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
         max_message_bytes=args.max_message_bytes,
+        max_inflight_bytes=args.max_inflight_bytes,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,

@@ -1,8 +1,14 @@
 """The gRPC adapter: protobuf in, core calls, protobuf out; core errors become status codes.
 
-Handlers are registered under the standard ``inference.GRPCInferenceService``
-name (see tensorwire.proto.service). Everything model-related is delegated to
-the ModelManager; this module only translates.
+Handlers are registered under the standard ``inference.GRPCInferenceService`` name (see
+tensorwire.proto.service). Everything model-related is delegated to the ModelManager; this module only
+translates, and it is where each request's fate is counted (statistics) and its memory charged (budget).
+
+Every handler receives the raw request bytes and parses them itself, so a message that is not protobuf is
+answered INVALID_ARGUMENT with at most a rate-limited log line (gRPC's own deserializer would answer
+UNKNOWN and log a traceback per message). ModelInfer is registered as a client-streaming handler: gRPC
+reads a message only when asked, so a call that arrives while the in-flight memory budget is spent is
+refused before its body is taken in.
 """
 
 from __future__ import annotations
@@ -10,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError, Message
 
 from tensorwire import __version__
 from tensorwire.proto import inference_pb2 as pb
@@ -22,16 +29,20 @@ from tensorwire.proto.codec import DATATYPES, CodecError, decode_contents, decod
 from tensorwire.proto.service import METHODS
 from tensorwire.repository import ModelConfigFile
 from tensorwire.server.batcher import InferenceRequest
+from tensorwire.server.budget import InflightBudget, MemoryBudgetError, default_budget_bytes
 from tensorwire.server.errors import (
     DeadlineExceededError,
     InvalidRequestError,
+    ModelNotFoundError,
     ModelUnavailableError,
     QueueFullError,
     ServingError,
 )
+from tensorwire.server.lograte import RateLimitedLog
 from tensorwire.server.manager import ModelManager
 from tensorwire.server.model_version import ModelVersion
 from tensorwire.server.signature import check_input, check_rows
+from tensorwire.server.stats import failure_reason
 
 log = logging.getLogger("tensorwire.servicer")
 
@@ -45,17 +56,37 @@ _KINDS = {
 #: Request parameters we act on; others (e.g. binary_data_output) are accepted and ignored.
 _UNSUPPORTED_PARAMETERS = {"sequence_id", "sequence_start", "sequence_end"}
 _STREAM_WINDOW = 1024  # in-flight requests per stream before we stop reading (backpressure)
+_MAX_VERSION = 2**63 - 1  # versions are int64 on the wire (Triton's GetModelVersionFromString)
 
 
 @dataclass(eq=False)
 class _StreamItem:
-    """One request of a stream on its way: queued in a batcher (``future``) or already failed."""
+    """One request of a stream on its way: queued in a batcher (``future``) or already failed.
 
-    request: pb.ModelInferRequest
+    Only what the answer echoes is kept of the message (its tensors live on in ``core``). ``held`` is what
+    it is charged against the memory budget; ``version`` is set once the request resolved (its statistics
+    then expect exactly one outcome: ``recorded`` says it was given).
+    """
+
+    request_id: str
+    model_name: str
+    model_version: str
     started: int
+    held: int = 0
     version: ModelVersion | None = None
     core: InferenceRequest | None = None
     future: asyncio.Future | None = None
+    error: ServingError | None = None
+    recorded: bool = False
+
+
+@dataclass(frozen=True)
+class _StreamEnd:
+    """The reader's last word after ``index`` messages: the caller half-closed, message ``index`` did not
+    parse (``malformed``), or reading failed (``error``)."""
+
+    index: int = 0
+    malformed: bool = False
     error: ServingError | None = None
 
 
@@ -63,16 +94,40 @@ def status_of(err: ServingError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, err.status)
 
 
+def check_version_string(version: str) -> None:
+    """Refuse a version string that is not a version number (INVALID_ARGUMENT), as Triton does.
+
+    '' means the latest ready version; otherwise ASCII decimal digits of an int64. Triton refuses '-1'
+    and non-numbers the same way, but reads ' 1' or '1.0' as 1 (C's ``stol``); tensorwire refuses those.
+    """
+    if not version or (version.isascii() and version.isdigit() and int(version) <= _MAX_VERSION):
+        return
+    shown = version if len(version) <= 40 else version[:40] + "..."
+    raise InvalidRequestError(
+        f"model version {shown!r} is not a version number: versions are integers > 0 "
+        "(or '' for the latest ready version); Triton refuses it too"
+    )
+
+
 class Servicer:
-    """Implements every RPC of the service on top of a ModelManager."""
+    """Implements every RPC of the service on top of a ModelManager.
+
+    ``budget`` bounds the bytes held by inference calls in flight (default: ``default_budget_bytes()``).
+    """
 
     def __init__(
-        self, manager: ModelManager, on_repository_change: Callable[[], None] = lambda: None
+        self,
+        manager: ModelManager,
+        on_repository_change: Callable[[], None] = lambda: None,
+        budget: InflightBudget | None = None,
     ) -> None:
         self.manager = manager
+        self.metrics = manager.metrics
+        self.budget = budget or InflightBudget(default_budget_bytes())
         self.draining = False
         self.started = False
         self._on_repository_change = on_repository_change
+        self._limited_log = RateLimitedLog(log)
 
     # ----------------------------------------------------------- helpers
 
@@ -80,6 +135,31 @@ class Servicer:
         if isinstance(err, QueueFullError):
             context.set_trailing_metadata((("grpc-retry-pushback-ms", str(err.retry_after_ms)),))
         await context.abort(status_of(err), str(err))
+
+    def _resolve(self, method: str, name: str, version: str = "") -> ModelVersion:
+        """The version serving a call; a refusal (bad version string, unknown or not ready) is counted
+        under ``method`` and raised."""
+        try:
+            check_version_string(version)
+            return self.manager.resolve(name, version)
+        except ServingError as err:
+            self.metrics.refuse(method, failure_reason(err))
+            raise
+
+    async def refuse_malformed(
+        self, method: str, message: type[Message], context: grpc.aio.ServicerContext, err: Exception
+    ) -> None:
+        """Refuse a message that does not parse: INVALID_ARGUMENT, counted under ``method``, at most a log
+        line per interval. Raises grpc.aio.AbortError (the call is over)."""
+        self.metrics.refuse(method, "malformed")
+        self._limited_log.warning("malformed_message", "method=%s peer=%s error=%r", method, context.peer(), str(err))
+        name = message.DESCRIPTOR.full_name
+        if name.startswith(f"{pb.DESCRIPTOR.package}."):  # ours travel under the standard package name
+            name = f"inference.{message.DESCRIPTOR.name}"
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request is not a valid {name} protobuf message; send the serialized message {method} expects",
+        )
 
     # -------------------------------------------------------------- health
 
@@ -92,13 +172,16 @@ class Servicer:
         return pb.ServerReadyResponse(ready=ready)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
+        """ready=false for anything that cannot serve now, unknown models and versions included (Triton's
+        answer, which wait-until-ready loops rely on); INVALID_ARGUMENT for a version that is not a number."""
         try:
+            check_version_string(request.version)
             self.manager.resolve(request.name, request.version)
-        except ModelUnavailableError:
+        except (ModelUnavailableError, ModelNotFoundError):
             return pb.ModelReadyResponse(ready=False)
         except ServingError as err:
             await self._abort(context, err)
-        return pb.ModelReadyResponse(ready=not self.draining)
+        return pb.ModelReadyResponse(ready=self.started and not self.draining)
 
     # ------------------------------------------------------------ metadata
 
@@ -107,7 +190,7 @@ class Servicer:
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
         try:
-            version = self.manager.resolve(request.name, request.version)
+            version = self._resolve("ModelMetadata", request.name, request.version)
         except ServingError as err:
             await self._abort(context, err)
         sig = version.signature
@@ -117,27 +200,23 @@ class Servicer:
             versions=[str(v) for v in self.manager.ready_versions(version.name)],
             platform=version.config.platform,
             inputs=[tensor(name=t.name, datatype=t.datatype, shape=sig.served_shape(t)) for t in sig.inputs],
-            outputs=[
-                tensor(name=t.name, datatype=t.datatype, shape=sig.served_shape(t)) for t in sig.outputs
-            ],
+            outputs=[tensor(name=t.name, datatype=t.datatype, shape=sig.served_shape(t)) for t in sig.outputs],
         )
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
         try:
-            version = self.manager.resolve(request.name, request.version)
+            version = self._resolve("ModelConfig", request.name, request.version)
         except ServingError as err:
             await self._abort(context, err)
         return pb.ModelConfigResponse(config=model_config_proto(version))
 
-    async def ModelStatistics(
-        self, request: pb.ModelStatisticsRequest, context
-    ) -> pb.ModelStatisticsResponse:
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context) -> pb.ModelStatisticsResponse:
         try:
             if request.name:
                 if request.version:
-                    versions = [self.manager.resolve(request.name, request.version)]
+                    versions = [self._resolve("ModelStatistics", request.name, request.version)]
                 else:
-                    self.manager.resolve(request.name)
+                    self._resolve("ModelStatistics", request.name)
                     versions = [v for v in self.manager.served_versions() if v.name == request.name]
             else:
                 versions = self.manager.served_versions()
@@ -147,9 +226,7 @@ class Servicer:
 
     # ---------------------------------------------------------- repository
 
-    async def RepositoryIndex(
-        self, request: pb.RepositoryIndexRequest, context
-    ) -> pb.RepositoryIndexResponse:
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context) -> pb.RepositoryIndexResponse:
         rows = self.manager.index()
         index = pb.RepositoryIndexResponse.ModelIndex
         return pb.RepositoryIndexResponse(
@@ -187,57 +264,160 @@ class Servicer:
 
     # ----------------------------------------------------------- inference
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        started = time.perf_counter_ns()
-        version: ModelVersion | None = None
+    async def ModelInfer(self, requests, context: grpc.aio.ServicerContext) -> bytes:
+        """Unary ModelInfer, read lazily: refused unread while the budget is spent, charged its size from
+        the moment it is read until its answer (also charged) has been sent."""
+        budget = self.budget
+        if budget.spent:
+            self.metrics.refuse("ModelInfer", "memory_budget")
+            await self._abort(context, budget.refusal())
+        expected, raw = budget.start_read(), grpc.aio.EOF
         try:
-            version = self.manager.resolve(request.model_name, request.model_version)
-            core = build_request(version, request, context.time_remaining())
-            outputs = await version.infer(core)
-        except ServingError as err:
-            if version is not None and err.status not in ("INTERNAL", "DEADLINE_EXCEEDED"):
-                version.stats.record_failure(time.perf_counter_ns() - started, err.status.lower())
+            raw = await context.read()
+        finally:
+            budget.end_read(expected, len(raw) if isinstance(raw, bytes) else None)
+        if raw is grpc.aio.EOF:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended before a ModelInferRequest")
+        held = len(raw)
+        try:
+            budget.acquire(held)
+        except MemoryBudgetError as err:
+            self.metrics.refuse("ModelInfer", "memory_budget")
             await self._abort(context, err)
-        except Exception as err:  # noqa: BLE001 - a bug of ours: INTERNAL, traceback to the log
-            await self._abort(context, internal_error(request.model_name, err))
-        response = build_response(version, request.id, outputs)
-        version.stats.record_success(time.perf_counter_ns() - started)
+
+        def release(_context) -> None:
+            budget.release(held)
+
+        context.add_done_callback(release)
+        try:
+            request = pb.ModelInferRequest.FromString(raw)
+        except DecodeError as err:
+            await self.refuse_malformed("ModelInfer", pb.ModelInferRequest, context, err)
+        del raw  # parsed: the message owns the tensors now
+        infer = self._infer(request, context)
+        del request  # _infer lets go of it once the tensors are decoded
+        try:
+            response = (await infer).SerializeToString()
+        except ServingError as err:
+            await self._abort(context, err)
+        budget.charge(len(response))
+        held += len(response)
         return response
 
-    async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest], context):
-        """Pipelined: each request is queued for batching as soon as it is read, and the answers
-        go back in request order; a failed request is answered in-band and the stream goes on."""
-        pending: asyncio.Queue[_StreamItem | None] = asyncio.Queue(maxsize=_STREAM_WINDOW)
+    async def _infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        """Resolve, validate, queue and await one request; its outcome is counted exactly once.
+
+        The message is dropped as soon as its tensors are decoded: while the request waits and runs, only
+        the decoded tensors (and a few strings) stay in memory."""
+        started = time.perf_counter_ns()
+        request_id, model_name = request.id, request.model_name
+        version = self._resolve("ModelInfer", model_name, request.model_version)
+        stats = version.stats
+        stats.begin()
+        try:
+            core = build_request(version, request, context.time_remaining())
+            del request
+            outputs = await version.infer(core)
+            response = build_response(version, request_id, outputs)
+        except asyncio.CancelledError:
+            stats.record_failure(time.perf_counter_ns() - started, "cancelled")
+            raise
+        except ServingError as err:
+            stats.record_failure(time.perf_counter_ns() - started, failure_reason(err))
+            raise
+        except Exception as err:  # noqa: BLE001 - a bug of ours: INTERNAL, traceback to the log
+            stats.record_failure(time.perf_counter_ns() - started, "internal")
+            raise internal_error(model_name, err) from None
+        stats.record_success(time.perf_counter_ns() - started)
+        return response
+
+    async def ModelStreamInfer(self, requests, context: grpc.aio.ServicerContext) -> None:
+        """Pipelined: each request is queued for batching as soon as it is read, with the call's deadline,
+        and the answers go back in request order, each echoing its request's id; a failed request is
+        answered in-band and the stream goes on. A message that does not parse ends the stream
+        (INVALID_ARGUMENT, after answering everything before it). When the stream ends for any reason,
+        requests still queued are withdrawn: nothing runs for a caller that is gone."""
+        pending: asyncio.Queue[_StreamItem | _StreamEnd] = asyncio.Queue(maxsize=_STREAM_WINDOW)
 
         async def read() -> None:
-            async for request in requests:
-                await pending.put(self._stream_submit(request))
-            await pending.put(None)
+            index = 0
+            try:
+                while True:
+                    raw = await context.read()
+                    if raw is grpc.aio.EOF:
+                        await pending.put(_StreamEnd(index))
+                        return
+                    index += 1
+                    try:
+                        request = pb.ModelInferRequest.FromString(raw)
+                    except DecodeError:
+                        await pending.put(_StreamEnd(index, malformed=True))
+                        return
+                    item = self._stream_submit(request, len(raw), context.time_remaining())
+                    try:
+                        await pending.put(item)
+                    except asyncio.CancelledError:
+                        self._stream_withdraw(item)
+                        raise
+            except Exception as err:  # noqa: BLE001 - the stream must end with a status, never hang
+                await pending.put(_StreamEnd(index, error=internal_error("(stream)", err)))
 
         reader = asyncio.ensure_future(read())
-        current: _StreamItem | None = None
+        current: _StreamItem | _StreamEnd | None = None
         try:
             while True:
                 current = await pending.get()
-                if current is None:
+                if isinstance(current, _StreamEnd):
                     break
-                yield await self._stream_answer(current)
-            await reader
+                await context.write(await self._stream_answer(current))
+                self.budget.release(current.held)
+                current.held = 0
+                current = None
+            end, current = current, None
+            if end.malformed or end.error is not None:
+                await self._end_stream(context, end)
         finally:
             reader.cancel()
             leftovers = [current] if current is not None else []
             while not pending.empty():
                 leftovers.append(pending.get_nowait())
             for item in leftovers:
-                if item is not None and item.core is not None:
-                    item.version.batcher.cancel(item.core)  # the caller went away: never run these
+                if isinstance(item, _StreamItem):
+                    self._stream_withdraw(item)
 
-    def _stream_submit(self, request: pb.ModelInferRequest) -> _StreamItem:
-        """Validate and queue one stream request without waiting for it (no task per message)."""
-        item = _StreamItem(request, time.perf_counter_ns())
+    async def _end_stream(self, context: grpc.aio.ServicerContext, end: _StreamEnd) -> None:
+        """End a stream whose message ``end.index`` could not be read: a status and a (rate-limited) line."""
+        if end.malformed:
+            self.metrics.refuse("ModelStreamInfer", "malformed")
+            self._limited_log.warning(
+                "malformed_stream_message", "method=ModelStreamInfer message=%d peer=%s", end.index, context.peer()
+            )
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"message {end.index} of this stream is not a valid inference.ModelInferRequest protobuf message; "
+                f"the stream ends here (the {end.index - 1} requests before it were answered)",
+            )
+        await self._abort(context, end.error)
+
+    def _stream_submit(self, request: pb.ModelInferRequest, size: int, time_remaining: float | None) -> _StreamItem:
+        """Charge, resolve, validate and queue one stream request without waiting for it (no task per
+        message); failures are kept on the item and answered in order."""
+        item = _StreamItem(request.id, request.model_name, request.model_version, time.perf_counter_ns())
         try:
-            item.version = self.manager.resolve(request.model_name, request.model_version)
-            item.core = build_request(item.version, request, None)
+            self.budget.acquire(size)
+        except MemoryBudgetError as err:
+            self.metrics.refuse("ModelStreamInfer", "memory_budget")
+            item.error = err
+            return item
+        item.held = size
+        try:
+            item.version = self._resolve("ModelStreamInfer", request.model_name, request.model_version)
+        except ServingError as err:
+            item.error = err
+            return item
+        item.version.stats.begin()
+        try:
+            item.core = build_request(item.version, request, time_remaining)
             item.future = item.version.batcher.submit(item.core)
         except ServingError as err:
             item.error, item.core = err, None
@@ -245,73 +425,107 @@ class Servicer:
             item.error, item.core = internal_error(request.model_name, err), None
         return item
 
-    async def _stream_answer(self, item: _StreamItem) -> pb.ModelStreamInferResponse:
-        request, version = item.request, item.version
+    async def _stream_answer(self, item: _StreamItem) -> bytes:
+        """The serialized answer to one stream item (its outputs or its error, with the request's id)."""
+        version = item.version
         if item.error is None:
             try:
                 outputs = await item.future
-                item.core = None
             except ServingError as err:
-                item.error, item.core = err, None
+                item.error = err
             else:
-                response = build_response(version, request.id, outputs)
-                version.stats.record_success(time.perf_counter_ns() - item.started)
-                return pb.ModelStreamInferResponse(infer_response=response)
+                item.core = None
+                try:
+                    response = build_response(version, item.request_id, outputs)
+                except Exception as err:  # noqa: BLE001 - a bug of ours
+                    item.error = internal_error(item.model_name, err)
+                else:
+                    self._stream_outcome(item, None)
+                    answer = pb.ModelStreamInferResponse(infer_response=response).SerializeToString()
+                    self.budget.charge(len(answer))
+                    item.held += len(answer)
+                    return answer
+            item.core = None
         err = item.error
-        if version is not None and err.status not in ("INTERNAL", "DEADLINE_EXCEEDED"):
-            version.stats.record_failure(time.perf_counter_ns() - item.started, err.status.lower())
+        self._stream_outcome(item, err)
         return pb.ModelStreamInferResponse(
             error_message=f"{err.status}: {err}",
             infer_response=pb.ModelInferResponse(
-                model_name=request.model_name, model_version=request.model_version, id=request.id
+                model_name=item.model_name, model_version=item.model_version, id=item.request_id
             ),
-        )
+        ).SerializeToString()
+
+    def _stream_outcome(self, item: _StreamItem, err: ServingError | None, reason: str | None = None) -> None:
+        """Count how a resolved stream item ended (once)."""
+        if item.version is None or item.recorded:
+            return
+        item.recorded = True
+        elapsed = time.perf_counter_ns() - item.started
+        if err is None and reason is None:
+            item.version.stats.record_success(elapsed)
+        else:
+            item.version.stats.record_failure(elapsed, reason or failure_reason(err))
+
+    def _stream_withdraw(self, item: _StreamItem) -> None:
+        """The stream is gone: take the item out of its batcher (it never runs if still queued), count it
+        cancelled unless it was answered, and release its memory."""
+        if item.core is not None and item.version is not None:
+            item.version.batcher.cancel(item.core)
+            item.core = None
+        self._stream_outcome(item, None, "cancelled")
+        if item.held:
+            self.budget.release(item.held)
+            item.held = 0
 
     # --------------------------------------------------------- registration
 
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
-        """Handlers for every method, keyed by short name, for registration under SERVICE_NAME."""
+        """Handlers for every method, keyed by short name, for registration under SERVICE_NAME.
+
+        None has a request deserializer (each parses its bytes); ModelInfer is client-streaming on this
+        side (read lazily) and returns serialized bytes, as ModelStreamInfer writes them.
+        """
         handlers = {}
         for name, method in METHODS.items():
-            factory = (
-                grpc.stream_stream_rpc_method_handler
-                if method.client_streaming
-                else (grpc.unary_unary_rpc_method_handler)
-            )
-            behaviour = getattr(self, name)
-            if name not in ("ModelInfer", "ModelStreamInfer"):  # those two guard themselves, inline
-                behaviour = _guarded(behaviour)
-            handlers[name] = factory(
-                behaviour,
-                request_deserializer=method.request.FromString,
-                response_serializer=method.response.SerializeToString,
-            )
+            if name == "ModelInfer":
+                handlers[name] = grpc.stream_unary_rpc_method_handler(self.ModelInfer)
+            elif name == "ModelStreamInfer":
+                handlers[name] = grpc.stream_stream_rpc_method_handler(self.ModelStreamInfer)
+            else:
+                handlers[name] = grpc.unary_unary_rpc_method_handler(
+                    self._unary(name, method.request, getattr(self, name)),
+                    response_serializer=method.response.SerializeToString,
+                )
         return handlers
+
+    def _unary(
+        self, name: str, message: type[Message], handler: Callable[[Message, grpc.aio.ServicerContext], Awaitable]
+    ) -> Callable:
+        """Parse the request bytes (malformed: INVALID_ARGUMENT), run ``handler``, and turn an unexpected
+        exception into INTERNAL (never UNKNOWN with our internals)."""
+
+        async def unary(raw: bytes, context: grpc.aio.ServicerContext):
+            try:
+                request = message.FromString(raw)
+            except DecodeError as err:
+                await self.refuse_malformed(name, message, context, err)
+            try:
+                return await handler(request, context)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as err:  # noqa: BLE001
+                error = internal_error(getattr(request, "name", "") or getattr(request, "model_name", ""), err)
+                await context.abort(grpc.StatusCode.INTERNAL, str(error))
+
+        unary.__name__ = name
+        return unary
 
 
 def internal_error(model: str, err: Exception) -> ServingError:
     """An unexpected exception: log the traceback, tell the caller only that it happened and where."""
     log.error("event=internal_error model=%s error=%r", model, err, exc_info=err)
-    error = ServingError(
-        f"internal error while serving model {model!r} ({type(err).__name__}); see the server log"
-    )
+    error = ServingError(f"internal error while serving model {model!r} ({type(err).__name__}); see the server log")
     return error
-
-
-def _guarded(handler: Callable) -> Callable:
-    """Turn an unexpected exception in a unary handler into INTERNAL (never UNKNOWN with our internals)."""
-
-    async def guarded(request, context):
-        try:
-            return await handler(request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as err:  # noqa: BLE001
-            error = internal_error(getattr(request, "name", "") or getattr(request, "model_name", ""), err)
-            await context.abort(grpc.StatusCode.INTERNAL, str(error))
-
-    guarded.__name__ = getattr(handler, "__name__", "handler")
-    return guarded
 
 
 # ------------------------------------------------------------- conversions
@@ -352,7 +566,8 @@ def _request_parameters(version: ModelVersion, request: pb.ModelInferRequest) ->
             if priority > settings.priority_levels:
                 raise InvalidRequestError(
                     f"priority {priority} is beyond the model's priority_levels {settings.priority_levels} "
-                    "(1 is highest, 0 the default)"
+                    "(1 is highest, 0 the model's default level); Triton would run it at the default level "
+                    "silently: send 0 for that"
                 )
         elif name == "timeout":
             timeout_us = _int_parameter(name, parameter)
@@ -391,9 +606,7 @@ def build_request(
         try:
             if raw:
                 if tensor.HasField("contents"):
-                    raise InvalidRequestError(
-                        f"input {name!r} has both contents and raw_input_contents; send one"
-                    )
+                    raise InvalidRequestError(f"input {name!r} has both contents and raw_input_contents; send one")
                 array = decode_raw(raw[index], datatype, shape)
             else:
                 array = decode_contents(tensor.contents, datatype, shape)
@@ -416,8 +629,10 @@ def build_request(
         outputs = []
         for tensor in request.outputs:
             if tensor.name not in sig.output_names:
+                raise InvalidRequestError(f"unknown output {tensor.name!r}; the model's outputs are {sig.output_names}")
+            if tensor.name in outputs:
                 raise InvalidRequestError(
-                    f"unknown output {tensor.name!r}; the model's outputs are {sig.output_names}"
+                    f"output {tensor.name!r} is requested twice; name each output once (Triton refuses this too)"
                 )
             outputs.append(tensor.name)
     deadline = None
@@ -457,15 +672,11 @@ def model_config_proto(version: ModelVersion) -> pb.ModelConfig:
     config, sig = version.config, version.signature
     policy = config.version_policy
     if policy.latest is not None:
-        version_policy = pb.ModelVersionPolicy(
-            latest=pb.ModelVersionPolicy.Latest(num_versions=policy.latest)
-        )
+        version_policy = pb.ModelVersionPolicy(latest=pb.ModelVersionPolicy.Latest(num_versions=policy.latest))
     elif policy.all:
         version_policy = pb.ModelVersionPolicy(all=pb.ModelVersionPolicy.All())
     else:
-        version_policy = pb.ModelVersionPolicy(
-            specific=pb.ModelVersionPolicy.Specific(versions=policy.specific)
-        )
+        version_policy = pb.ModelVersionPolicy(specific=pb.ModelVersionPolicy.Specific(versions=policy.specific))
     message = pb.ModelConfig(
         name=version.name,
         platform=config.platform,
@@ -485,9 +696,7 @@ def model_config_proto(version: ModelVersion) -> pb.ModelConfig:
             for t in sig.outputs
         ],
         instance_group=[
-            pb.ModelInstanceGroup(
-                name=f"{version.name}_{i}", kind=_KINDS[g.kind], count=g.count, gpus=g.gpus or []
-            )
+            pb.ModelInstanceGroup(name=f"{version.name}_{i}", kind=_KINDS[g.kind], count=g.count, gpus=g.gpus or [])
             for i, g in enumerate(config.instance_group)
         ],
         default_model_filename=config.model_filename,

@@ -190,6 +190,45 @@ def test_full_queue_is_refused_with_pushback_while_queued_work_completes():
     assert run(scenario()) == {1, 2, 3}
 
 
+def test_pushback_is_the_time_the_replicas_need_for_the_queue_ahead():
+    """The hint comes from the measured service time (here 100 ms per one-request batch), not from how
+    fast requests arrive: a burst of arrivals must not shrink it."""
+
+    async def scenario():
+        backend = FakeBackend(sleep=0.1)
+        batcher = make_batcher(backend, asyncio.get_running_loop(), max_queue_size=4, max_queue_delay_us=0)
+        batcher.max_batch_size = 1
+        await batcher.submit(make_request(0))  # one measured run
+        futures = [batcher.submit(make_request(1))]
+        await asyncio.sleep(0.01)  # it runs; the next four queue
+        futures += [batcher.submit(make_request(i)) for i in range(2, 6)]
+        with pytest.raises(QueueFullError) as refused:
+            batcher.submit(make_request(99))
+        await asyncio.gather(*futures)
+        return refused.value.retry_after_ms
+
+    hint_ms = run(scenario())
+    assert 300 <= hint_ms <= 2000, hint_ms  # four queued x about 100 ms
+
+
+def test_statistics_count_successful_work_and_the_runs_that_worked():
+    async def scenario():
+        backend = FakeBackend(poison=13)
+        batcher = make_batcher(backend, asyncio.get_running_loop(), max_queue_delay_us=0)
+        requests = [make_request(i, rows=2) for i in (1, 13, 3)]
+        results = await asyncio.gather(*(batcher.submit(r) for r in requests), return_exceptions=True)
+        return batcher.stats, results, backend.batches
+
+    stats, results, batches = run(scenario())
+    assert [isinstance(r, Exception) for r in results] == [False, True, False]
+    assert batches == [[1, 1, 13, 13, 3, 3], [1, 1], [13, 13], [3, 3]]  # the batch failed, then each alone
+    assert stats.inference_count == 4  # rows of the two that succeeded
+    assert stats.execution_count == 2  # the reruns that worked
+    c = stats.counters
+    assert c.queue.count == c.compute_infer.count == 2
+    assert sorted(c.batches) == [6] and c.batches[6].compute_infer.count == 1
+
+
 def test_priorities_run_highest_level_first():
     async def scenario():
         backend = FakeBackend(sleep=0.1)

@@ -35,8 +35,10 @@ def test_health(server, capsys):
     assert code == 0 and "live=yes ready=yes" in out and "model identity: ready=yes" in out
     code, out, _ = run(capsys, "health", "-a", server.address, "--model", "nope", "--json")
     report = json.loads(out)
-    assert code == 1 and report["live"] and report["models"] == {"nope": False}
-    assert "nope" in report["errors"]["nope"]
+    assert code == 1 and report["live"] and report["models"] == {"nope": False}  # Triton's answer: not ready
+    code, out, _ = run(capsys, "health", "-a", server.address, "--model", "identity", "--version", "-1", "--json")
+    report = json.loads(out)
+    assert code == 1 and "not a version number" in report["errors"]["identity"]
     code, _, err = run(capsys, "health", "-a", f"127.0.0.1:{free_port()}", "--retries", "1", "--timeout", "2")
     assert code == 2 and "UNAVAILABLE" in err
 

@@ -216,10 +216,7 @@ def test_bytes_framing_by_hand():
     array = np.array([b"", "é", b"a\x00b", b"\x00"], dtype=object).reshape(2, 2)
     raw = encode_raw(array)[2]
     assert raw == (
-        b"\x00\x00\x00\x00"
-        + b"\x02\x00\x00\x00\xc3\xa9"
-        + b"\x03\x00\x00\x00a\x00b"
-        + b"\x01\x00\x00\x00\x00"
+        b"\x00\x00\x00\x00" + b"\x02\x00\x00\x00\xc3\xa9" + b"\x03\x00\x00\x00a\x00b" + b"\x01\x00\x00\x00\x00"
     )
     assert decode_raw(raw, "BYTES", [2, 2]).tolist() == [[b"", "é".encode()], [b"a\x00b", b"\x00"]]
     # 0-d and zero-size BYTES tensors
@@ -228,9 +225,7 @@ def test_bytes_framing_by_hand():
 
 
 def test_bytes_from_numpy_string_arrays():
-    assert encode_raw(np.array(["ab", "ü"]))[2] == serialize_bytes_tensor(
-        np.array([b"ab", "ü".encode()], dtype=object)
-    )
+    assert encode_raw(np.array(["ab", "ü"]))[2] == serialize_bytes_tensor(np.array([b"ab", "ü".encode()], dtype=object))
     assert encode_raw(np.array([b"ab", b"c"]))[2] == b"\x02\x00\x00\x00ab\x01\x00\x00\x00c"
 
 
@@ -248,15 +243,26 @@ def test_bf16_exact_values_round_trip_via_float32(bits):
     name, shape, raw = encode_raw(widened, "BF16")
     assert name == "BF16" and shape == list(bits.shape)
     sent = np.frombuffer(raw, dtype="<u2").reshape(bits.shape)
-    nan = np.isnan(widened)
-    # every non-NaN bf16 value is sent as itself; NaNs as the quiet NaN with their sign
-    assert np.array_equal(sent[~nan], bits[~nan])
-    assert np.array_equal(sent[nan], (bits[nan] & 0x8000) | 0x7FC0)
+    # every bf16 value is sent as itself: NaN payloads, -0.0 and subnormals included
+    assert np.array_equal(sent, bits)
     decoded = decode_raw(raw, "BF16", shape)
     assert decoded.dtype == np.float32 and decoded.shape == bits.shape
-    assert np.array_equal(decoded.view("<u4")[~nan], widened.view("<u4")[~nan])
-    assert np.isnan(decoded[nan]).all()
-    assert np.array_equal(np.signbit(decoded), np.signbit(widened))
+    assert np.array_equal(decoded.view("<u4"), widened.view("<u4"))
+
+
+def test_every_bf16_pattern_round_trips_via_float32():
+    bits = np.arange(2**16, dtype=np.uint32).astype("<u2")
+    assert np.array_equal(float32_to_bf16_bits(bf16_bits_to_float32(bits)), bits)
+
+
+def _ml_dtypes_bf16(values: np.ndarray) -> np.ndarray:
+    """ml_dtypes' rounding, except that a NaN bfloat16 holds exactly (low 16 bits zero) keeps its bits
+    (ml_dtypes makes every NaN the quiet NaN; we keep BF16 payloads bit-exact through float32)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        reference = values.astype(ml_dtypes.bfloat16).view("<u2")
+    bits = values.view("<u4")
+    exact_nan = np.isnan(values) & ((bits & 0xFFFF) == 0)
+    return np.where(exact_nan, bits >> 16, reference).astype("<u2")
 
 
 @PROPERTY
@@ -278,8 +284,7 @@ def test_bf16_round_trip_via_ml_dtypes(bits):
 @given(hnp.arrays(np.dtype("<u4"), shapes))
 def test_bf16_rounding_matches_ml_dtypes(bits):
     values = bits.view("<f4")
-    with np.errstate(invalid="ignore", over="ignore"):
-        reference = values.astype(ml_dtypes.bfloat16).view("<u2")
+    reference = _ml_dtypes_bf16(values)
     assert np.array_equal(float32_to_bf16_bits(values), reference)
     assert encode_raw(values, "BF16")[2] == reference.tobytes()
 
@@ -291,9 +296,7 @@ def test_bf16_rounding_matches_ml_dtypes_on_many_values():
     high = rng.integers(0, 2**16, size=1 << 14, dtype=np.uint64).astype("<u4") << 16
     bits = np.concatenate([bits, high | 0x7FFF, high | 0x8000, high | 0x8001, high])
     values = bits.view("<f4")
-    with np.errstate(invalid="ignore", over="ignore"):
-        reference = values.astype(ml_dtypes.bfloat16).view("<u2")
-    assert np.array_equal(float32_to_bf16_bits(values), reference)
+    assert np.array_equal(float32_to_bf16_bits(values), _ml_dtypes_bf16(values))
 
 
 @pytest.mark.parametrize(
@@ -310,8 +313,10 @@ def test_bf16_rounding_matches_ml_dtypes_on_many_values():
         (0x80000000, 0x8000),  # -0.0 keeps its sign
         (0x00000001, 0x0000),  # the smallest subnormal rounds to zero
         (0x00018000, 0x0002),  # subnormal tie, odd below: up
-        (0x7F800001, 0x7FC0),  # signalling NaN -> quiet NaN
+        (0x7F800001, 0x7FC0),  # signalling NaN bfloat16 cannot hold -> quiet NaN
         (0xFFC12345, 0xFFC0),  # negative NaN keeps its sign
+        (0x7F810000, 0x7F81),  # a bfloat16 signalling NaN, widened: kept exactly
+        (0xFFA50000, 0xFFA5),  # a negative bfloat16 NaN payload: kept exactly
     ],
 )
 def test_bf16_rounding_cases(f32_bits, bf16):
@@ -420,9 +425,7 @@ def test_decode_raw_counts_bytes_of_any_buffer():
     decoded = decode_raw(memoryview(floats), "FP32", [3])
     assert decoded.tolist() == [0.0, 1.0, 2.0]
     assert np.shares_memory(decoded, floats)
-    assert decode_raw(memoryview(encode_raw(np.array([b"ab"], dtype=object))[2]), "BYTES", [1]).tolist() == [
-        b"ab"
-    ]
+    assert decode_raw(memoryview(encode_raw(np.array([b"ab"], dtype=object))[2]), "BYTES", [1]).tolist() == [b"ab"]
 
 
 # ------------------------------------------------------------ errors
@@ -514,9 +517,7 @@ def test_out_of_range_contents(datatype, field, values, limits):
 
 
 def test_contents_count_mismatch():
-    with pytest.raises(
-        CodecError, match=r"INT32 tensor of shape \[2, 2\] needs 4 values in int_contents, got 3"
-    ):
+    with pytest.raises(CodecError, match=r"INT32 tensor of shape \[2, 2\] needs 4 values in int_contents, got 3"):
         decode_contents(pb.InferTensorContents(int_contents=[1, 2, 3]), "INT32", [2, 2])
     with pytest.raises(CodecError, match="needs 1 values in bytes_contents, got 0"):
         decode_contents(pb.InferTensorContents(), "BYTES", [])

@@ -56,9 +56,7 @@ def ops_repo(tmp_path_factory):
     garbage_onnx(repo, "partial", version=2, version_policy={"all": True})
     # Version policies.
     for version in (1, 2, 3):
-        onnx_identity(
-            repo, "all_versions", dims=[16], max_batch_size=8, version=version, version_policy={"all": True}
-        )
+        onnx_identity(repo, "all_versions", dims=[16], max_batch_size=8, version=version, version_policy={"all": True})
         onnx_identity(
             repo,
             "specific_versions",
@@ -192,9 +190,7 @@ def test_reflection_descriptors_match_our_messages(ops_server):
             pb.ModelStreamInferResponse,
         ):
             theirs = pool.FindMessageTypeByName(f"inference.{ours.DESCRIPTOR.name}")
-            assert {(f.name, f.number) for f in theirs.fields} == {
-                (f.name, f.number) for f in ours.DESCRIPTOR.fields
-            }
+            assert {(f.name, f.number) for f in theirs.fields} == {(f.name, f.number) for f in ours.DESCRIPTOR.fields}
 
 
 # ------------------------------------------------------------ (c) metrics
@@ -523,17 +519,17 @@ def test_version_policy_specific(channel):
     with pytest.raises(grpc.RpcError) as caught:
         call(channel, "ModelInfer", _identity_request("specific_versions", version="2"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    with pytest.raises(grpc.RpcError) as caught:
-        call(channel, "ModelReady", pb.ModelReadyRequest(name="specific_versions", version="2"))
-    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    # Triton's answer for a version that does not exist: ready=false, not an error
+    assert not call(channel, "ModelReady", pb.ModelReadyRequest(name="specific_versions", version="2")).ready
     assert call(channel, "ModelInfer", _identity_request("specific_versions")).model_version == "3"
     config = call(channel, "ModelConfig", pb.ModelConfigRequest(name="specific_versions")).config
     assert list(config.version_policy.specific.versions) == [1, 3]
 
 
-@pytest.mark.parametrize("version", ["abc", "-1", "0", "1.0", " 1", "\u00b2", "\u0661", "9" * 30])
-def test_malformed_or_unknown_version_is_not_found(channel, version):
-    """Only ASCII decimal versions exist; '²' or Arabic-Indic '١' must not crash or alias version 1."""
+@pytest.mark.parametrize("version", ["abc", "-1", "1.0", " 1", "\u00b2", "\u0661", "9" * 30])
+def test_a_version_that_is_not_a_number_is_invalid_argument(channel, version):
+    """Only ASCII decimal int64 versions exist; '²' or Arabic-Indic '١' must not crash or alias version 1.
+    Triton answers INVALID_ARGUMENT for '-1' and non-numbers too, ModelReady included."""
     for method, message in (
         ("ModelInfer", _identity_request("good", version=version)),
         ("ModelReady", pb.ModelReadyRequest(name="good", version=version)),
@@ -541,4 +537,17 @@ def test_malformed_or_unknown_version_is_not_found(channel, version):
     ):
         with pytest.raises(grpc.RpcError) as caught:
             call(channel, method, message)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, caught.value.details())
+        assert "not a version number" in caught.value.details()
+
+
+@pytest.mark.parametrize("version", ["0", "7", "9" * 18])
+def test_a_version_that_does_not_exist_is_not_found_and_not_ready(channel, version):
+    for method, message in (
+        ("ModelInfer", _identity_request("good", version=version)),
+        ("ModelMetadata", pb.ModelMetadataRequest(name="good", version=version)),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            call(channel, method, message)
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND, (method, caught.value.details())
+    assert not call(channel, "ModelReady", pb.ModelReadyRequest(name="good", version=version)).ready
