@@ -85,6 +85,18 @@ def test_users_run_concurrently_with_zero_failures(server, tmp_path):
     assert "Traceback" not in server.log()
 
 
+def test_stream_users_run_concurrently(server, tmp_path):
+    """``--stream``: each user sends on its own ModelStreamInfer stream, still one greenlet per user."""
+    row, done = run_locust(tmp_path, "--host", server.address, "--model", "sleep50", "--stream")
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert row["requests"] > 0 and row["failures"] == 0, output
+    assert row["requests_per_s"] >= 0.6 * USERS / SLEEP_S, f"{row['requests_per_s']:.0f} req/s\n{output}"
+    assert row["p50_ms"] >= SLEEP_S * 1e3 * 0.9, row
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stream"] is True and list(summary["entries"]) == ["grpc-stream sleep50"]
+
+
 def test_control_without_init_gevent_users_block_each_other(server, tmp_path):
     """Proof that the test above catches the mistake: the same locustfile without init_gevent()."""
     source = LOCUSTFILE.read_text()
