@@ -8,7 +8,10 @@ statistics the server does not have).
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -124,3 +127,9 @@ def test_perf_analyzer_drives_it(perf_analyzer, bare, streaming):
     # no statistics extension: neither perf_analyzer's server columns nor an average batch
     assert row["server_queue_us"] is None and row["server_avg_batch"] is None
     assert "Traceback" not in bare.log()
+
+
+def test_the_baseline_shares_no_code_with_the_server_it_is_compared_with():
+    code = "import json, sys, tensorwire.loadtest.bare_server; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert not [m for m in json.loads(out.stdout) if m.startswith("tensorwire.server")]
