@@ -119,6 +119,8 @@ SWEEP_COLUMNS = [
 
 
 def measure_closed_loop(ctx: Context) -> dict[str, Any]:
+    """Per model: the ceiling (samples/s by batch size), then closed-loop levels with batching on and off (and a
+    stream for identity); each level as ``tensorwire bench`` reports it (req/s, ms, µs, cores)."""
     s = {
         "models": ctx.pick(list(CLOSED_LOOP_MODELS), ["identity"]),
         "concurrency": ctx.pick([1, 8, 32, 64], [1, 2]),
@@ -127,11 +129,13 @@ def measure_closed_loop(ctx: Context) -> dict[str, Any]:
         "ceiling_seconds": ctx.pick(0.5, 0.02),
         "ceiling_repeats": ctx.pick(2, 1),
     }
-    names = [*s["models"], *(m + NOBATCH for m in s["models"])]
+    skipped = ctx.build(s["models"])  # a digits model that missed its accuracy gate is left out, saying why
+    models = [m for m in s["models"] if m not in skipped]
+    names = [*models, *(m + NOBATCH for m in models)]
     repo = ctx.repo("closed-loop", names)
-    result: dict[str, Any] = {"settings": s, "models": {}, "ceilings": {}, "levels": []}
+    result: dict[str, Any] = {"settings": s, "models": {}, "ceilings": {}, "levels": [], "skipped": skipped}
     with ctx.server(repo, models=names) as server:
-        for model in s["models"]:
+        for model in models:
             model_file, config = latest_model_file(repo, model)
             ctx.log(f"{model}: in-process ceiling at batch sizes {list(BATCH_SIZES)}")
             ceiling, info = measure_model_ceiling(
@@ -169,6 +173,7 @@ def _closed_loop_level(levels: list[dict[str, Any]], model: str, series: str, co
 
 
 def render_closed_loop(result: dict[str, Any], page: Page) -> str:
+    """Method, models, batching on vs off with its target, the plot, every level, the ceilings."""
     s, levels, conc = result["settings"], result["levels"], result["settings"]["concurrency"]
     t = s["timing"]
     lines = [
@@ -196,6 +201,7 @@ def render_closed_loop(result: dict[str, Any], page: Page) -> str:
             f"| `{name}` | {info['description']} | {info['max_batch_size']} "
             f"| {info['max_queue_delay_us']} µs | {info['instances']} × {info['threads']} |"
         )
+    lines += [f"| `{name}` | **skipped**: {why} | | | |" for name, why in result.get("skipped", {}).items()]
     last = conc[-1]
     lines += [
         "",
@@ -318,6 +324,7 @@ def _locust(address: str, users: int, seconds: int, stream: bool, out: Path) -> 
 
 
 def measure_load_generators(ctx: Context) -> dict[str, Any]:
+    """identity at one concurrency through each load generator, unary and streams: req/s, p50/p99 ms, failures."""
     c, seconds = ctx.pick(64, 4), ctx.pick(20, 2)
     repo = ctx.repo("load-generators", ["identity"])
     rows: list[dict[str, Any]] = []
@@ -356,6 +363,7 @@ def measure_load_generators(ctx: Context) -> dict[str, Any]:
 
 
 def render_load_generators(result: dict[str, Any], page: Page) -> str:
+    """One table, a row per load generator, and the commands."""
     lines = [
         "One `tensorwire serve` with the identity model; each load generator keeps the same number of "
         "requests in flight, one after the other, unary and over `ModelStreamInfer` streams.",
@@ -459,6 +467,7 @@ def _profile(ctx: Context, server, concurrency: int, seconds: int) -> dict[str, 
 
 
 def measure_serving_time(ctx: Context) -> dict[str, Any]:
+    """identity at concurrency 64: one closed-loop level (CPU µs per request on both sides) and a py-spy profile."""
     c = ctx.pick(64, 4)
     repo = ctx.repo("serving-time", ["identity"])
     with ctx.server(repo, models=["identity"]) as server:
@@ -469,6 +478,7 @@ def measure_serving_time(ctx: Context) -> dict[str, Any]:
 
 
 def render_serving_time(result: dict[str, Any], page: Page) -> str:
+    """The CPU arithmetic, what held the GIL, and the hand-written notes (``benchmarks_notes.md``)."""
     level, cores, c = result["level"], result["cores"], result["concurrency"]
     text = (
         f"identity at concurrency {c} (`tensorwire bench --mode async`): {_f(level['throughput_rps'])} req/s. "
@@ -530,6 +540,8 @@ def _perf_analyzer_method(settings: dict[str, Any], how: str = "--async") -> str
 
 
 def measure_perf_analyzer(ctx: Context) -> dict[str, Any]:
+    """In-process ceilings first (no server), then perf_analyzer at each concurrency for identity and the CNN;
+    the targets computed from those numbers."""
     ctx.require_perf_analyzer()
     s = {**ctx.pick(*PA_TIMING), "concurrency": ctx.pick([1, 4, 16, 64], [1, 4])}
     timing = {"seconds": ctx.pick(1.0, 0.1), "repeats": ctx.pick(2, 1), "warmup_seconds": ctx.pick(0.2, 0.05)}
@@ -649,6 +661,7 @@ def _ceiling_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def render_perf_analyzer(result: dict[str, Any], page: Page) -> str:
+    """Method, a table per model, the CNN ceiling table, the targets."""
     lines = [_perf_analyzer_method(result["settings"]), ""]
     for model in ("identity", "cnn"):
         lines += [
@@ -780,6 +793,7 @@ def _baseline_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def render_bare_baseline(result: dict[str, Any], page: Page) -> str:
+    """Both servers, level by level, with server CPU per request and the ratio to the bare server; the targets."""
     best = _best(result["ceiling"])
     threads = result["settings"]["ceiling_threads"]
     lines = [
@@ -831,6 +845,8 @@ TARGET_INT8_IN_PROCESS = 1.8
 
 
 def measure_int8_served(ctx: Context) -> dict[str, Any]:
+    """The FP32 and INT8 CNN: top-1 agreement, in-process samples/s at batch 1 and 32 (1 thread), served
+    infer/s with perf_analyzer; INT8 ÷ FP32 ratios against their targets."""
     ctx.require_perf_analyzer()
     from tensorwire.loadtest.ceiling import make_session
     from tensorwire.loadtest.reference_models import sample_inputs
@@ -879,6 +895,7 @@ def measure_int8_served(ctx: Context) -> dict[str, Any]:
 
 
 def render_int8_served(result: dict[str, Any], page: Page) -> str:
+    """One table and the ratios."""
     from tensorwire.loadtest.harness import CALIBRATION_SAMPLES, CALIBRATION_SEED
 
     c = result["concurrency"]
@@ -917,6 +934,7 @@ def render_int8_served(result: dict[str, Any], page: Page) -> str:
 
 
 def measure_sdk_overhead(ctx: Context) -> dict[str, Any]:
+    """:func:`tensorwire.loadtest.sdk_overhead.measure` against a tensorwire server for identity."""
     from tensorwire.loadtest import sdk_overhead
 
     repo = ctx.repo("sdk-overhead", ["identity"])
@@ -929,6 +947,7 @@ def measure_sdk_overhead(ctx: Context) -> dict[str, Any]:
 
 
 def render_sdk_overhead(result: dict[str, Any], page: Page) -> str:
+    """The command and :func:`tensorwire.loadtest.sdk_overhead.render`."""
     from tensorwire.loadtest import sdk_overhead
 
     return (

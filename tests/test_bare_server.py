@@ -75,14 +75,17 @@ def test_infer_answers_each_request_with_its_own_rows(client):
     np.testing.assert_array_equal(client.infer("unbatched", {"INPUT0": u})["OUTPUT0"], u)
 
 
-@pytest.mark.parametrize(("model", "inputs", "error"), [
-    ("nope", {"INPUT0": np.ones((1, 16), np.float32)}, ModelNotFoundError),
-    ("identity", {"INPUT1": np.ones((1, 16), np.float32)}, InvalidInputError),
-    ("identity", {"INPUT0": np.ones((1, 15), np.float32)}, InvalidInputError),
-    ("identity", {"INPUT0": np.ones((65, 16), np.float32)}, InvalidInputError),
-    ("identity", {"INPUT0": np.ones((1, 16), np.int32)}, InvalidInputError),
-    ("unbatched", {"INPUT0": np.ones((1, 2, 3), np.float32)}, InvalidInputError),
-])
+@pytest.mark.parametrize(
+    ("model", "inputs", "error"),
+    [
+        ("nope", {"INPUT0": np.ones((1, 16), np.float32)}, ModelNotFoundError),
+        ("identity", {"INPUT1": np.ones((1, 16), np.float32)}, InvalidInputError),
+        ("identity", {"INPUT0": np.ones((1, 15), np.float32)}, InvalidInputError),
+        ("identity", {"INPUT0": np.ones((65, 16), np.float32)}, InvalidInputError),
+        ("identity", {"INPUT0": np.ones((1, 16), np.int32)}, InvalidInputError),
+        ("unbatched", {"INPUT0": np.ones((1, 2, 3), np.float32)}, InvalidInputError),
+    ],
+)
 def test_bad_requests_get_the_right_status(client, model, inputs, error):
     with pytest.raises(error):
         client.infer(model, inputs)
@@ -110,16 +113,25 @@ def test_sigterm_stops_it_with_status_0(tmp_path):
 
 def test_a_bad_repository_is_a_clear_error_at_start(tmp_path):
     (tmp_path / "models" / "empty").mkdir(parents=True)
-    with pytest.raises(RuntimeError, match="no <version>/model.onnx"), \
-            serve(tmp_path / "models", "--models", "empty", kind="bare", ready_timeout=60):
+    with (
+        pytest.raises(RuntimeError, match="no <version>/model.onnx"),
+        serve(tmp_path / "models", "--models", "empty", kind="bare", ready_timeout=60),
+    ):
         pass
 
 
 @pytest.mark.parametrize("streaming", [False, True])
 def test_perf_analyzer_drives_it(perf_analyzer, bare, streaming):
     inputs = write_perf_inputs("identity", bare.extra["root"] / "perf_inputs" / "identity.json")
-    spec = pa.PerfAnalyzerRun("identity", 4, streaming=streaming, measurement_interval_ms=500, stability_pct=1000,
-                              retry_stability_pct=None, max_trials=6)
+    spec = pa.PerfAnalyzerRun(
+        "identity",
+        4,
+        streaming=streaming,
+        measurement_interval_ms=500,
+        stability_pct=1000,
+        retry_stability_pct=None,
+        max_trials=6,
+    )
     row = pa.run(spec, bare, inputs, bare.extra["root"] / "pa")
     assert "error" not in row, row
     assert row["throughput_rps"] > 0 and 0 < row["latency_p50_ms"] <= row["latency_p99_ms"]

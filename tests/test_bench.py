@@ -28,12 +28,39 @@ from tensorwire.loadtest.launch import serve
 from tensorwire.loadtest.reference_models import build_repository
 
 LEVEL_FIELDS = {
-    "model", "mode", "series", "concurrency", "batch_size", "requests", "errors", "errors_total", "window_s",
-    "windows", "stable", "window_throughputs_rps", "throughput_rps", "throughput_samples_per_s",
-    "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_mean_ms", "latency_max_ms",
-    "server_avg_batch", "server_queue_us", "server_compute_us", "server_request_us", "server_requests",
-    "server_executions", "server_inferences", "client_cpu_cores", "client_cpu_us_per_request",
-    "server_cpu_cores", "server_cpu_us_per_request", "ceiling_batch", "ceiling_samples_per_s", "efficiency",
+    "model",
+    "mode",
+    "series",
+    "concurrency",
+    "batch_size",
+    "requests",
+    "errors",
+    "errors_total",
+    "window_s",
+    "windows",
+    "stable",
+    "window_throughputs_rps",
+    "throughput_rps",
+    "throughput_samples_per_s",
+    "latency_p50_ms",
+    "latency_p90_ms",
+    "latency_p99_ms",
+    "latency_mean_ms",
+    "latency_max_ms",
+    "server_avg_batch",
+    "server_queue_us",
+    "server_compute_us",
+    "server_request_us",
+    "server_requests",
+    "server_executions",
+    "server_inferences",
+    "client_cpu_cores",
+    "client_cpu_us_per_request",
+    "server_cpu_cores",
+    "server_cpu_us_per_request",
+    "ceiling_batch",
+    "ceiling_samples_per_s",
+    "efficiency",
 }
 SLEEP_S = 0.05
 
@@ -43,7 +70,10 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     repo = root / "models"
     build_repository(repo, models=["identity"], variants=["batched"], log=lambda *_: None)
-    python_model(repo, "sleep50", f"""
+    python_model(
+        repo,
+        "sleep50",
+        f"""
 import time
 
 
@@ -51,14 +81,16 @@ class Model:
     def execute(self, inputs):
         time.sleep({SLEEP_S})
         return {{"OUTPUT0": inputs["INPUT0"].copy()}}
-""", {
-        "max_batch_size": 8,
-        "dynamic_batching": {"enabled": False},
-        "warmup": "none",
-        "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [4]}],
-        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [4]}],
-        "instance_group": [{"kind": "cpu", "count": 4}],
-    })
+""",
+        {
+            "max_batch_size": 8,
+            "dynamic_batching": {"enabled": False},
+            "warmup": "none",
+            "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [4]}],
+            "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [4]}],
+            "instance_group": [{"kind": "cpu", "count": 4}],
+        },
+    )
     with running_server(repo, "--drain-seconds", "0") as srv:
         srv.extra["repo"] = repo
         yield srv
@@ -68,13 +100,42 @@ class Model:
 def short_run(server, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-out")
     json_path, png = out / "bench.json", out / "plot" / "bench.png"
-    code = bench.main([
-        "--address", server.address, "--repo", str(server.extra["repo"]), "--model", "identity",
-        "--server-pid", str(server.process.pid), "--concurrency", "1,4", "--mode", "sync,async,stream",
-        "--warmup", "0.2", "--window", "0.3", "--stable-windows", "2", "--max-windows", "3",
-        "--ceiling", "--ceiling-seconds", "0.05", "--ceiling-repeats", "1",
-        "--json", str(json_path), "--plot", str(png), "--progress", "none", "--markdown",
-    ])
+    code = bench.main(
+        [
+            "--address",
+            server.address,
+            "--repo",
+            str(server.extra["repo"]),
+            "--model",
+            "identity",
+            "--server-pid",
+            str(server.process.pid),
+            "--concurrency",
+            "1,4",
+            "--mode",
+            "sync,async,stream",
+            "--warmup",
+            "0.2",
+            "--window",
+            "0.3",
+            "--stable-windows",
+            "2",
+            "--max-windows",
+            "3",
+            "--ceiling",
+            "--ceiling-seconds",
+            "0.05",
+            "--ceiling-repeats",
+            "1",
+            "--json",
+            str(json_path),
+            "--plot",
+            str(png),
+            "--progress",
+            "none",
+            "--markdown",
+        ]
+    )
     assert code == 0
     return json.loads(json_path.read_text()), png
 
@@ -109,11 +170,15 @@ def test_numbers_are_consistent(short_run):
         assert row["requests"] == pytest.approx(row["throughput_rps"] * row["window_s"], rel=1e-6), where
         assert row["window_s"] == pytest.approx(row["windows"] * 0.3, rel=0.5), where
         assert row["throughput_samples_per_s"] == pytest.approx(row["throughput_rps"] * row["batch_size"])
-        assert 0 < row["latency_p50_ms"] <= row["latency_p90_ms"] <= row["latency_p99_ms"] \
-            <= row["latency_max_ms"], where
-        # a closed loop holds n requests in flight: throughput x mean latency ~ n (Little's law)
+        assert 0 < row["latency_p50_ms"] <= row["latency_p90_ms"] <= row["latency_p99_ms"] <= row["latency_max_ms"], (
+            where
+        )
+        # a closed loop holds n requests in flight: throughput x mean latency ~ n (Little's law). Over a finite
+        # window the requests that started before it count whole, so the sum of latencies is at most
+        # n x (window + the longest latency): a stall on a busy machine inflates the estimate by that much.
         in_flight = row["throughput_rps"] * row["latency_mean_ms"] / 1e3
-        assert 0.5 * n <= in_flight <= 1.05 * n, f"{where}: {in_flight:.2f} in flight"
+        boundary = row["latency_max_ms"] / 1e3 / row["window_s"]
+        assert 0.5 * n <= in_flight <= 1.01 * n * (1 + boundary), f"{where}: {in_flight:.2f} in flight"
         # the server saw (about) the same requests in the same windows
         assert abs(row["server_requests"] - row["requests"]) <= max(2 * n + 2, 0.1 * row["requests"]), where
         assert 1 <= row["server_avg_batch"] <= n, where
@@ -145,9 +210,17 @@ def test_plot_is_a_valid_png(short_run):
 def test_workers_keep_n_requests_in_flight(server, mode):
     """4 workers against a 50 ms model on 4 replicas, batching off: 80 req/s, 50 ms each."""
     n = 4
-    settings = bench.BenchSettings(address=server.address, model="sleep50", concurrency=[n], modes=[mode],
-                                   warmup_s=0.2, window_s=0.5, stable_windows=2, max_windows=4,
-                                   stability_pct=25)
+    settings = bench.BenchSettings(
+        address=server.address,
+        model="sleep50",
+        concurrency=[n],
+        modes=[mode],
+        warmup_s=0.2,
+        window_s=0.5,
+        stable_windows=2,
+        max_windows=4,
+        stability_pct=25,
+    )
     document = bench.bench_model(settings)
     (row,) = document["levels"]
     assert row["errors"] == 0
@@ -166,8 +239,23 @@ def test_cli_subcommand_and_errors(capsys, tmp_path):
         cli.main(["bench", "--model", "m", "--mode", "turbo"])
     assert stop.value.code == 2
     # nothing listens on port 1: a clear error, exit code 1
-    assert bench.main(["--address", "127.0.0.1:1", "--model", "m", "--concurrency", "1", "--progress", "none",
-                       "--ready-timeout", "1"]) == 1
+    assert (
+        bench.main(
+            [
+                "--address",
+                "127.0.0.1:1",
+                "--model",
+                "m",
+                "--concurrency",
+                "1",
+                "--progress",
+                "none",
+                "--ready-timeout",
+                "1",
+            ]
+        )
+        == 1
+    )
     assert "error" in capsys.readouterr().err
 
 
@@ -187,11 +275,14 @@ def _help_entries(text: str) -> dict[str, str]:
     return entries
 
 
-@pytest.mark.parametrize("command", [
-    [sys.executable, "-m", "tensorwire.cli", "bench", "--help"],
-    [sys.executable, "-m", "tensorwire.loadtest.benchmarks", "--help"],
-    [sys.executable, "-m", "tensorwire.loadtest.ceiling", "--help"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [sys.executable, "-m", "tensorwire.cli", "bench", "--help"],
+        [sys.executable, "-m", "tensorwire.loadtest.benchmarks", "--help"],
+        [sys.executable, "-m", "tensorwire.loadtest.ceiling", "--help"],
+    ],
+)
 def test_help_states_each_default_once(command):
     """Issue: ``bench --help`` printed every default twice ("(default: from metadata) (default: None)")."""
     out = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
@@ -219,11 +310,26 @@ def test_stability_and_percentiles():
 
 
 def test_server_delta():
-    before = _stats.ServerCounters(inference_count=10, execution_count=10, success_count=10, queue_count=10,
-                                   queue_ns=10_000, compute_count=10, compute_ns=50_000, success_ns=100_000)
-    after = _stats.ServerCounters(inference_count=110, execution_count=35, success_count=110, queue_count=110,
-                                  queue_ns=210_000, compute_count=110, compute_ns=1_050_000,
-                                  success_ns=1_600_000)
+    before = _stats.ServerCounters(
+        inference_count=10,
+        execution_count=10,
+        success_count=10,
+        queue_count=10,
+        queue_ns=10_000,
+        compute_count=10,
+        compute_ns=50_000,
+        success_ns=100_000,
+    )
+    after = _stats.ServerCounters(
+        inference_count=110,
+        execution_count=35,
+        success_count=110,
+        queue_count=110,
+        queue_ns=210_000,
+        compute_count=110,
+        compute_ns=1_050_000,
+        success_ns=1_600_000,
+    )
     d = _stats.server_delta(before, after)
     assert d["server_avg_batch"] == pytest.approx(4.0)
     assert d["server_queue_us"] == pytest.approx(2.0)
@@ -248,8 +354,10 @@ def test_ceiling_batch_sizes_and_efficiency():
 def test_cpu_and_report_helpers():
     assert _stats.process_tree_cpu_s(os.getpid()) >= _stats.own_cpu_s() * 0.99
     assert _stats.process_tree_cpu_s(2**22 + 12345) is None
-    rows = [{"model": "m", "mode": "sync", "concurrency": c, "throughput_rps": t, "latency_p99_ms": 1.0,
-             "stable": True} for c, t in ((1, 100.0), (8, 950.0), (32, 1000.0))]
+    rows = [
+        {"model": "m", "mode": "sync", "concurrency": c, "throughput_rps": t, "latency_p99_ms": 1.0, "stable": True}
+        for c, t in ((1, 100.0), (8, 950.0), (32, 1000.0))
+    ]
     assert report.knee(rows)["concurrency"] == 8
     table = report.markdown_table(rows)
     assert table.splitlines()[0].startswith("| model | mode | conc. | req/s |") and "| 950 |" in table
@@ -281,8 +389,16 @@ def test_local_server_helper(tmp_path):
         pid = server.pid
         assert pid > 0 and Path(f"/proc/{pid}").exists() and server.metrics_port == 0
         log_path = server.log_path
-        settings = bench.BenchSettings(address=server.address, model="identity", concurrency=[2], warmup_s=0.1,
-                                       window_s=0.2, stable_windows=1, max_windows=1, server_pid=pid)
+        settings = bench.BenchSettings(
+            address=server.address,
+            model="identity",
+            concurrency=[2],
+            warmup_s=0.1,
+            window_s=0.2,
+            stable_windows=1,
+            max_windows=1,
+            server_pid=pid,
+        )
         levels = bench.bench_model(settings)["levels"]
         assert [row["mode"] for row in levels] == ["async", "stream"]  # the default: unary and the stream
         assert all(row["requests"] > 0 and row["server_cpu_cores"] > 0 for row in levels)

@@ -21,8 +21,15 @@ from tensorwire.loadtest.scenarios import SCENARIOS
 
 pytestmark = pytest.mark.slow
 
-SERVING = ["closed-loop", "load-generators", "serving-time", "perf-analyzer", "bare-baseline", "int8-served",
-           "sdk-overhead"]
+SERVING = [
+    "closed-loop",
+    "load-generators",
+    "serving-time",
+    "perf-analyzer",
+    "bare-baseline",
+    "int8-served",
+    "sdk-overhead",
+]
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +75,12 @@ def test_closed_loop_batching_on_off_stream_and_ceiling(run):
 
 def test_load_generators_unary_and_stream(run):
     rows = {row["generator"]: row for row in result(run, "load-generators")["rows"]}
-    for name in ("`tensorwire bench --mode async`", "`tensorwire bench --mode stream`",
-                 "locust, 4 users, 1 process", "locust, 4 users, 1 process, `--stream`"):
+    for name in (
+        "`tensorwire bench --mode async`",
+        "`tensorwire bench --mode stream`",
+        "locust, 4 users, 1 process",
+        "locust, 4 users, 1 process, `--stream`",
+    ):
         assert "error" not in rows[name], rows[name]
         assert rows[name]["throughput_rps"] > 0
     assert rows["locust, 4 users, 1 process, `--stream`"]["failures"].startswith("0 of ")
@@ -85,15 +96,26 @@ def test_serving_time_cpu_and_profile(run):
 def test_bare_baseline_measures_both_servers_the_same_way(run, perf_analyzer):
     r = result(run, "bare-baseline")
     levels = {(x["server"], x["model"], x["concurrency"], x["mode"]): x for x in r["rows"]}
-    assert set(levels) == {(s, m, c, mode) for s in ("bare grpc.aio server", "tensorwire") for m in ("identity", "cnn")
-                           for c in (1, 4) for mode in ("unary", "stream")}
+    assert set(levels) == {
+        (s, m, c, mode)
+        for s in ("bare grpc.aio server", "tensorwire")
+        for m in ("identity", "cnn")
+        for c in (1, 4)
+        for mode in ("unary", "stream")
+    }
     for (server, *_), row in levels.items():
         assert "error" not in row, row
         assert row["throughput_rps"] > 0 and row["server_cpu_us_per_request"] > 0
         assert (row["server_avg_batch"] is None) == (server != "tensorwire")  # the baseline has no statistics
     targets = {t["name"]: t for t in r["targets"]}
-    assert set(targets) == {"identity_unary_vs_bare", "identity_stream_vs_bare_unary", "cnn_unary_vs_ceiling",
-                            "cnn_stream_vs_ceiling", "identity_c1_p50", "cnn_c1_p50"}
+    assert set(targets) == {
+        "identity_unary_vs_bare",
+        "identity_stream_vs_bare_unary",
+        "cnn_unary_vs_ceiling",
+        "cnn_stream_vs_ceiling",
+        "identity_c1_p50",
+        "cnn_c1_p50",
+    }
     assert all(isinstance(t["met"], bool) for t in targets.values())
 
 
@@ -103,9 +125,14 @@ def test_perf_analyzer_sweep_and_int8(run, perf_analyzer):
         assert [x["concurrency"] for x in r["levels"][model]] == [1, 4]
         assert all("error" not in x and x["server_avg_batch"] >= 1 for x in r["levels"][model])
     assert {(x["threads"], x["batch_size"]) for x in r["in_process"]["ceiling"]} == {
-        (t, b) for t in (1, 2) for b in (1, 2, 4, 8, 16, 32, 64)}
-    assert [t["name"] for t in r["targets"]] == ["cnn_vs_2thread_ceiling", "identity_throughput",
-                                                "identity_c1_latency", "cnn_c1_latency"]
+        (t, b) for t in (1, 2) for b in (1, 2, 4, 8, 16, 32, 64)
+    }
+    assert [t["name"] for t in r["targets"]] == [
+        "cnn_vs_2thread_ceiling",
+        "identity_throughput",
+        "identity_c1_latency",
+        "cnn_c1_latency",
+    ]
     int8 = result(run, "int8-served")
     assert [x["model"] for x in int8["served"]] == ["cnn", "cnn_int8"] and all("error" not in x for x in int8["served"])
     assert int8["file_bytes"]["cnn_int8"] < int8["file_bytes"]["cnn"] and int8["top1_agreement"] > 0.9

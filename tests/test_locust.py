@@ -31,7 +31,7 @@ LOCUST = Path(sys.executable).with_name("locust")
 SLEEP_S = 0.05
 USERS = 8
 
-SLEEP_MODEL = f'''
+SLEEP_MODEL = f"""
 import time
 
 
@@ -39,31 +39,51 @@ class Model:
     def execute(self, inputs):
         time.sleep({SLEEP_S})
         return {{"OUTPUT0": inputs["INPUT0"].copy()}}
-'''
+"""
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("locust") / "models"
-    python_model(repo, "sleep50", SLEEP_MODEL, {
-        "max_batch_size": 0,
-        "warmup": "none",
-        "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [4]}],
-        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [4]}],
-        "instance_group": [{"kind": "cpu", "count": USERS}],  # 8 requests can sleep side by side
-    })
+    python_model(
+        repo,
+        "sleep50",
+        SLEEP_MODEL,
+        {
+            "max_batch_size": 0,
+            "warmup": "none",
+            "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [4]}],
+            "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [4]}],
+            "instance_group": [{"kind": "cpu", "count": USERS}],  # 8 requests can sleep side by side
+        },
+    )
     onnx_identity(repo, "identity", dims=[16], max_batch_size=64)
     with running_server(repo, "--drain-seconds", "0") as srv:
         yield srv
 
 
-def run_locust(tmp_path: Path, *args: str, locustfile: Path = LOCUSTFILE, seconds: int = 3,
-               users: int = USERS, timeout: float = 60) -> tuple[dict, subprocess.CompletedProcess]:
+def run_locust(
+    tmp_path: Path, *args: str, locustfile: Path = LOCUSTFILE, seconds: int = 3, users: int = USERS, timeout: float = 60
+) -> tuple[dict, subprocess.CompletedProcess]:
     """Run locust headless; returns the locustfile's --summary-json totals and the process result."""
     summary = tmp_path / "summary.json"
     command = [
-        str(LOCUST), "-f", str(locustfile), "--headless", "-u", str(users), "-r", str(users),
-        "-t", f"{seconds}s", "--summary-json", str(summary), "--only-summary", "--loglevel", "WARNING", *args,
+        str(LOCUST),
+        "-f",
+        str(locustfile),
+        "--headless",
+        "-u",
+        str(users),
+        "-r",
+        str(users),
+        "-t",
+        f"{seconds}s",
+        "--summary-json",
+        str(summary),
+        "--only-summary",
+        "--loglevel",
+        "WARNING",
+        *args,
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")}
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env)
@@ -106,17 +126,30 @@ def test_control_without_init_gevent_users_block_each_other(server, tmp_path):
     row, done = run_locust(tmp_path, "--host", server.address, "--model", "sleep50", locustfile=broken)
     rps = row["requests_per_s"]
     assert row["requests"] > 0, done.stderr
-    assert rps < 0.5 * USERS / SLEEP_S, f"{rps:.0f} req/s without init_gevent: the check above would not " \
-                                         "tell a blocked hub from a working one"
+    assert rps < 0.5 * USERS / SLEEP_S, (
+        f"{rps:.0f} req/s without init_gevent: the check above would not tell a blocked hub from a working one"
+    )
 
 
 def test_processes_mode(server, tmp_path):
     # --processes forks after importing the locustfile: each worker makes its own channel in on_start.
     port = free_port()
     row, done = run_locust(
-        tmp_path, "--host", f"grpc://{server.address}", "--model", "identity", "--batch-size", "4",
-        "--processes", "2", "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port),
-        "--master-port", str(port),
+        tmp_path,
+        "--host",
+        f"grpc://{server.address}",
+        "--model",
+        "identity",
+        "--batch-size",
+        "4",
+        "--processes",
+        "2",
+        "--master-bind-host",
+        "127.0.0.1",
+        "--master-bind-port",
+        str(port),
+        "--master-port",
+        str(port),
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
@@ -127,7 +160,10 @@ def test_processes_mode(server, tmp_path):
 def test_missing_model_is_a_clear_error(tmp_path):
     done = subprocess.run(
         [str(LOCUST), "-f", str(LOCUSTFILE), "--headless", "-u", "1", "-t", "1s", "--host", "127.0.0.1:1"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
         env={k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")},
     )
     assert done.returncode == 2

@@ -76,6 +76,7 @@ def test_http_and_streaming_arguments():
 
 
 def test_http_without_an_http_front_end_is_an_error_row(server):
-    row = pa.run(pa.PerfAnalyzerRun("identity", 1, protocol="http"), server, server.extra["inputs"],
-                 server.extra["root"] / "out")
+    row = pa.run(
+        pa.PerfAnalyzerRun("identity", 1, protocol="http"), server, server.extra["inputs"], server.extra["root"] / "out"
+    )
     assert "HTTP" in row["error"]
