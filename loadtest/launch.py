@@ -163,7 +163,7 @@ def _start(
 ) -> ServerProcess:
     port = free_port()
     metrics_port = free_port() if metrics and kind == "tensorwire" else 0
-    http_port = free_port() if http else None
+    http_port = free_port() if http and kind == "tensorwire" else None
     if log_dir is None:
         handle, name = tempfile.mkstemp(prefix=f"tensorwire-{kind}-", suffix=".log")
         os.close(handle)
@@ -197,8 +197,9 @@ def serve(
     """Run a server of ``kind`` for ``repo`` on free loopback ports until the block ends.
 
     ``args`` are extra command-line options. ``metrics=False`` turns tensorwire's metrics port off;
-    ``http=True`` also gives it ``--http-port``. The log goes to ``log_dir/<kind>-<port>.log`` (kept) or,
-    without ``log_dir``, to a temporary file removed afterwards. With ``wait`` the block starts once the
+    ``http=True`` also gives it ``--http-port`` (the bare server has neither). The log goes to
+    ``log_dir/server-<port>.log`` (``bare-<port>.log``), kept, or without ``log_dir`` to a temporary file
+    removed afterwards. With ``wait`` the block starts once the
     server (and every model in ``models``) is ready; a server that lost the race for its port is started
     again on new ports (up to 3 times). Raises RuntimeError when it exits or is not ready within
     ``ready_timeout`` seconds.

@@ -1,18 +1,17 @@
 """The named benchmark scenarios, in the order of BENCHMARKS.md (how to add one: :mod:`.harness`).
 
-==================  =====================================================================================
-``closed-loop``     ``tensorwire bench`` sweeps of five models, dynamic batching on and off, against the
-                    in-process ONNX Runtime ceiling of the same files
-``load-generators`` one server, identity at concurrency 64, driven by ``tensorwire bench``, locust and
-                    perf_analyzer, each unary and over a stream
-``serving-time``    where a request's time goes: CPU per request on both sides and a py-spy profile
-``perf-analyzer``   perf_analyzer at concurrency 1/4/16/64 (identity, CNN) and the CNN's ceiling
-``bare-baseline``   tensorwire against a bare grpc.aio server, unary and streaming, with server CPU
-``int8-served``     the INT8 CNN against the FP32 one, served and in process
-``sdk-overhead``    the client SDK against the raw gRPC stub; streams against unary calls
-``trainer-int8``    the trainer's INT8 and DDP table (``python -m tensorwire.trainer.bench_int8``)
-``trainer-compression``  the trainer's compression table (``python -m tensorwire.trainer.bench_compression``)
-==================  =====================================================================================
+- ``closed-loop``: ``tensorwire bench`` sweeps of five models, dynamic batching on and off, against the
+  in-process ONNX Runtime ceiling of the same files
+- ``load-generators``: one server, identity at concurrency 64, driven by ``tensorwire bench``, locust and
+  perf_analyzer, each unary and over a stream
+- ``serving-time``: where a request's time goes: CPU per request on both sides and a py-spy profile
+- ``perf-analyzer``: perf_analyzer at concurrency 1/4/16/64 (identity, CNN) and the CNN's ceiling
+- ``bare-baseline``: tensorwire against a bare grpc.aio server, unary and streaming, with server CPU
+- ``many-connections``: several perf_analyzer processes at once against each server
+- ``int8-served``: the INT8 CNN against the FP32 one, served and in process
+- ``sdk-overhead``: the client SDK against the raw gRPC stub; streams against unary calls
+- ``trainer-int8``: the trainer's INT8 and DDP table (``python -m tensorwire.trainer.bench_int8``)
+- ``trainer-compression``: the trainer's compression table (``python -m tensorwire.trainer.bench_compression``)
 """
 
 from __future__ import annotations
@@ -312,6 +311,8 @@ def _locust(address: str, users: int, seconds: int, stream: bool, out: Path) -> 
     if not summary.exists():
         return {"generator": name, "error": f"locust exited {done.returncode}: {done.stderr.strip()[-300:]}"}
     total = json.loads(summary.read_text())["total"]
+    if not total["requests"]:
+        return {"generator": name, "error": f"no request completed in {seconds} s (locust started too slowly?)"}
     return {
         "generator": name,
         "in_flight": users,
@@ -325,7 +326,7 @@ def _locust(address: str, users: int, seconds: int, stream: bool, out: Path) -> 
 
 def measure_load_generators(ctx: Context) -> dict[str, Any]:
     """identity at one concurrency through each load generator, unary and streams: req/s, p50/p99 ms, failures."""
-    c, seconds = ctx.pick(64, 4), ctx.pick(20, 2)
+    c, seconds = ctx.pick(64, 4), ctx.pick(20, 5)
     repo = ctx.repo("load-generators", ["identity"])
     rows: list[dict[str, Any]] = []
     with ctx.server(repo, models=["identity"]) as server:
@@ -837,6 +838,52 @@ def render_bare_baseline(result: dict[str, Any], page: Page) -> str:
     return "\n".join(lines)
 
 
+# =========================================================================== many-connections
+
+#: the servers compared when many clients connect; ``TENSORWIRE.with_args("--workers", "2")`` is the next entry
+MANY_CONNECTIONS_SERVERS = (BARE, TENSORWIRE)
+
+
+def measure_many_connections(ctx: Context) -> dict[str, Any]:
+    """identity, unary, with several perf_analyzer processes at once (each its own connections) against each
+    server: total infer/s, p50/p99 ms, server CPU µs per request. One perf_analyzer opens about 3 TCP
+    connections; an application behind a load balancer opens many, which is what spreads over processes that
+    share a port (SO_REUSEPORT spreads connections, not requests)."""
+    ctx.require_perf_analyzer()
+    processes, concurrency = ctx.pick(4, 2), ctx.pick(16, 2)
+    repo = ctx.repo("many-connections", ["identity"])
+    rows = []
+    with contextlib.ExitStack() as running:
+        servers = [(s, running.enter_context(ctx.server(repo, s, ["identity"]))) for s in MANY_CONNECTIONS_SERVERS]
+        for spec, server in servers:
+            run = PerfAnalyzerRun("identity", concurrency, processes=processes, **ctx.pick(*PA_TIMING))
+            rows.append({**ctx.perf_analyzer(run, server), "server": spec.label})
+    return {"processes": processes, "concurrency": concurrency, "settings": ctx.pick(*PA_TIMING), "rows": rows}
+
+
+def render_many_connections(result: dict[str, Any], page: Page) -> str:
+    """One row per server: the processes' summed throughput and the server's CPU per request."""
+    n, c = result["processes"], result["concurrency"]
+    lines = [
+        f"{n} perf_analyzer processes at once, each `-i grpc --async --concurrency-range {c}` on identity "
+        f"({n * c} requests in flight over about {3 * n} connections); infer/s is their sum, p50 the mean of "
+        "theirs, p99 the largest. Same perf_analyzer settings as above.",
+        "",
+        "| server | infer/s | p50 ms | p99 ms | server µs/request | server CPU (cores) | perf_analyzer CPU (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['server']} | failed: {r['error']} | | | | | |")
+            continue
+        lines.append(
+            f"| {r['server']} | {_f(r['throughput_rps'])} | {_f(r['latency_p50_ms'], '{:.2f}')} "
+            f"| {_f(r['latency_p99_ms'], '{:.2f}')} | {_f(r['server_cpu_us_per_request'])} "
+            f"| {_f(r['server_cpu_cores'], '{:.2f}')} | {_f(r['perf_analyzer_cpu_cores'], '{:.2f}')} |"
+        )
+    return "\n".join(lines)
+
+
 # =========================================================================== int8-served
 
 INT8_BATCHES = (1, 32)
@@ -1007,6 +1054,16 @@ register(
         render_bare_baseline,
         needs=("perf_analyzer",),
         minutes=5,
+    )
+)
+register(
+    Scenario(
+        "many-connections",
+        "Many connections: several perf_analyzer processes at once (identity)",
+        measure_many_connections,
+        render_many_connections,
+        needs=("perf_analyzer",),
+        minutes=1,
     )
 )
 register(

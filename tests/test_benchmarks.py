@@ -27,6 +27,7 @@ SERVING = [
     "serving-time",
     "perf-analyzer",
     "bare-baseline",
+    "many-connections",
     "int8-served",
     "sdk-overhead",
 ]
@@ -117,6 +118,15 @@ def test_bare_baseline_measures_both_servers_the_same_way(run, perf_analyzer):
         "cnn_c1_p50",
     }
     assert all(isinstance(t["met"], bool) for t in targets.values())
+
+
+def test_many_connections_adds_up_several_processes(run, perf_analyzer):
+    r = result(run, "many-connections")
+    assert (r["processes"], r["concurrency"]) == (2, 2)
+    assert [x["server"] for x in r["rows"]] == ["bare grpc.aio server", "tensorwire"]
+    for row in r["rows"]:
+        assert "error" not in row, row
+        assert row["processes"] == 2 and row["throughput_rps"] > 0 and row["server_cpu_us_per_request"] > 0
 
 
 def test_perf_analyzer_sweep_and_int8(run, perf_analyzer):
