@@ -84,7 +84,7 @@ TIMING = (
 #: perf_analyzer's windows (full, quick)
 PA_TIMING = (
     {"measurement_interval_ms": 3000, "stability_pct": 25, "retry_stability_pct": 100, "max_trials": 6},
-    {"measurement_interval_ms": 300, "stability_pct": 1000, "retry_stability_pct": None, "max_trials": 3},
+    {"measurement_interval_ms": 300, "stability_pct": 1000, "retry_stability_pct": 10000, "max_trials": 5},
 )
 
 
@@ -628,24 +628,32 @@ def _perf_analyzer_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     return targets
 
 
-def _level_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = [
-        "| concurrency | infer/s | p50 ms | p99 ms | server avg batch | server CPU (cores) | server µs/request "
-        "| perf_analyzer CPU (cores) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+#: perf_analyzer rows as table columns (see :func:`_pa_table`)
+PA_COLUMNS = [
+    ("throughput_rps", "infer/s", "{:,.0f}"),
+    ("latency_p50_ms", "p50 ms", "{:.2f}"),
+    ("latency_p99_ms", "p99 ms", "{:.2f}"),
+    ("server_avg_batch", "server avg batch", "{:.2f}"),
+    ("server_cpu_us_per_request", "server µs/request", "{:,.0f}"),
+    ("server_cpu_cores", "server CPU (cores)", "{:.2f}"),
+    ("perf_analyzer_cpu_cores", "perf_analyzer CPU (cores)", "{:.2f}"),
+]
+
+
+def _pa_table(rows: list[dict[str, Any]], lead: list[tuple[str, str, str]], extra: list | None = None) -> list[str]:
+    """perf_analyzer rows as a markdown table: the ``lead`` columns, :data:`PA_COLUMNS`, ``extra`` columns, and
+    a note where a level failed or needed a looser stability bound."""
+    notes = []
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['concurrency']} | failed: {r['error']} | | | | | | |")
-            continue
-        mark = "" if r["attempts"] == 1 else f" (-s {r['stability_pct']})"
-        lines.append(
-            f"| {r['concurrency']} | {_f(r['throughput_rps'])}{mark} | {_f(r['latency_p50_ms'], '{:.2f}')} "
-            f"| {_f(r['latency_p99_ms'], '{:.2f}')} | {_f(r['server_avg_batch'], '{:.2f}')} "
-            f"| {_f(r['server_cpu_cores'], '{:.2f}')} | {_f(r['server_cpu_us_per_request'])} "
-            f"| {_f(r['perf_analyzer_cpu_cores'], '{:.2f}')} |"
-        )
-    return lines
+            notes.append({**r, "note": f"failed: {r['error']}"})
+        else:
+            retried = r.get("attempts", 1) > 1
+            notes.append({**r, "note": f"stable only within {r['stability_pct']} %" if retried else None})
+    columns = [*lead, *PA_COLUMNS, *(extra or [])]
+    if any(r["note"] for r in notes):
+        columns.append(("note", "note", "{}"))
+    return report.markdown_table(notes, columns).splitlines()
 
 
 def _ceiling_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -668,7 +676,7 @@ def render_perf_analyzer(result: dict[str, Any], page: Page) -> str:
         lines += [
             f"### {model} ({_size(result['file_bytes'][model])} model file)",
             "",
-            *_level_table(result["levels"][model]),
+            *_pa_table(result["levels"][model], [("concurrency", "concurrency", "{}")]),
             "",
         ]
     timing = result["in_process"]["timing"]
@@ -807,26 +815,19 @@ def render_bare_baseline(result: dict[str, Any], page: Page) -> str:
         "",
         _perf_analyzer_method(result["settings"], how="--async|--streaming"),
         "",
-        "| model | conc. | mode | server | infer/s | p50 ms | p99 ms | server µs/request | server CPU (cores) "
-        "| avg batch | ÷ bare unary |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    rows = result["rows"]
-    for r in rows:
-        if "error" in r:
-            lines.append(
-                f"| {r['model']} | {r['concurrency']} | {r['mode']} | {r['server']} | failed: {r['error']} "
-                "| | | | | | |"
-            )
-            continue
-        base = _find(rows, server=BARE.label, model=r["model"], concurrency=r["concurrency"], mode="unary")
-        share = r["throughput_rps"] / base["throughput_rps"] if base else None
-        lines.append(
-            f"| {r['model']} | {r['concurrency']} | {r['mode']} | {r['server']} | {_f(r['throughput_rps'])} "
-            f"| {_f(r['latency_p50_ms'], '{:.2f}')} | {_f(r['latency_p99_ms'], '{:.2f}')} "
-            f"| {_f(r['server_cpu_us_per_request'])} | {_f(r['server_cpu_cores'], '{:.2f}')} "
-            f"| {_f(r.get('server_avg_batch'), '{:.1f}')} | {_f(share, '{:.2f}×')} |"
-        )
+    rows = []
+    for r in result["rows"]:
+        base = _find(result["rows"], server=BARE.label, model=r["model"], concurrency=r["concurrency"], mode="unary")
+        share = r["throughput_rps"] / base["throughput_rps"] if base and "error" not in r else None
+        rows.append({**r, "vs_bare": share})
+    lead = [
+        ("model", "model", "{}"),
+        ("concurrency", "conc.", "{}"),
+        ("mode", "mode", "{}"),
+        ("server", "server", "{}"),
+    ]
+    lines += _pa_table(rows, lead, [("vs_bare", "÷ bare unary", "{:.2f}×")])
     if best:
         lines += [
             "",
@@ -869,19 +870,8 @@ def render_many_connections(result: dict[str, Any], page: Page) -> str:
         f"({n * c} requests in flight over about {3 * n} connections); infer/s is their sum, p50 the mean of "
         "theirs, p99 the largest. Same perf_analyzer settings as above.",
         "",
-        "| server | infer/s | p50 ms | p99 ms | server µs/request | server CPU (cores) | perf_analyzer CPU (cores) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in result["rows"]:
-        if "error" in r:
-            lines.append(f"| {r['server']} | failed: {r['error']} | | | | | |")
-            continue
-        lines.append(
-            f"| {r['server']} | {_f(r['throughput_rps'])} | {_f(r['latency_p50_ms'], '{:.2f}')} "
-            f"| {_f(r['latency_p99_ms'], '{:.2f}')} | {_f(r['server_cpu_us_per_request'])} "
-            f"| {_f(r['server_cpu_cores'], '{:.2f}')} | {_f(r['perf_analyzer_cpu_cores'], '{:.2f}')} |"
-        )
-    return "\n".join(lines)
+    return "\n".join([*lines, *_pa_table(result["rows"], [("server", "server", "{}")])])
 
 
 # =========================================================================== int8-served
@@ -953,22 +943,18 @@ def render_int8_served(result: dict[str, Any], page: Page) -> str:
         f"{result['top1_agreement']:.1%}. Same config.toml as `cnn`. Served: perf_analyzer as above, "
         f"concurrency {c}.",
         "",
-        f"| model | file | served infer/s (c={c}) | p50 ms | p99 ms | server avg batch | server CPU (cores) "
-        "| in-process b1 samples/s | in-process b32 samples/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     by = {(r["model"], r["batch_size"]): r["samples_per_s"] for r in result["in_process"]}
-    for r in result["served"]:
-        ok = "error" not in r
-        cells = [
-            _f(r.get("throughput_rps")) if ok else f"failed: {r['error']}",
-            _f(r.get("latency_p50_ms"), "{:.2f}"),
-            _f(r.get("latency_p99_ms"), "{:.2f}"),
-            _f(r.get("server_avg_batch"), "{:.2f}"),
-            _f(r.get("server_cpu_cores"), "{:.2f}"),
-            *(_f(by.get((r["model"], n))) for n in INT8_BATCHES),
-        ]
-        lines.append(f"| {r['model']} | {_size(result['file_bytes'][r['model']])} | " + " | ".join(cells) + " |")
+    rows = [
+        {
+            **r,
+            "file": _size(result["file_bytes"][r["model"]]),
+            **{f"b{n}": by.get((r["model"], n)) for n in INT8_BATCHES},
+        }
+        for r in result["served"]
+    ]
+    extra = [(f"b{n}", f"in-process b{n} samples/s (1 thread)", "{:,.0f}") for n in INT8_BATCHES]
+    lines += _pa_table(rows, [("model", "model", "{}"), ("file", "file", "{}")], extra)
     lines += ["", "INT8 / FP32:", ""]
     lines += [
         f"- {r['text']}: {_f(r['ratio'], '{:.2f}')}× (target ≥ {r['target']}×): **{_met(r['met'])}**"

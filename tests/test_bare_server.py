@@ -129,7 +129,7 @@ def test_perf_analyzer_drives_it(perf_analyzer, bare, streaming):
         streaming=streaming,
         measurement_interval_ms=500,
         stability_pct=1000,
-        retry_stability_pct=None,
+        retry_stability_pct=10000,
         max_trials=6,
     )
     row = pa.run(spec, bare, inputs, bare.extra["root"] / "pa")
