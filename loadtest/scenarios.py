@@ -17,8 +17,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import re
 import shutil
 import subprocess
@@ -44,12 +42,12 @@ from tensorwire.loadtest.harness import (
     command_scenario,
     register,
 )
+from tensorwire.loadtest.locust_runner import locust_command, run_headless
 from tensorwire.loadtest.perf_analyzer import PerfAnalyzerRun
 
 __all__ = ["SCENARIOS"]
 
 NOTES = Path(__file__).with_name("benchmarks_notes.md")
-LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -277,40 +275,14 @@ def render_closed_loop(result: dict[str, Any], page: Page) -> str:
 
 def _locust(address: str, users: int, seconds: int, stream: bool, out: Path) -> dict[str, Any]:
     """locust headless against identity; the locustfile's --summary-json totals as a row."""
-    locust = Path(sys.executable).with_name("locust")
     name = f"locust, {users} users, 1 process" + (", `--stream`" if stream else "")
-    if not locust.exists():
+    if not locust_command().exists():
         return {"generator": name, "error": "locust is not installed (the loadtest extra)"}
-    summary = out / f"locust-summary{'-stream' if stream else ''}.json"
-    summary.unlink(missing_ok=True)
-    args = [
-        "-f",
-        str(LOCUSTFILE),
-        "--headless",
-        "-u",
-        str(users),
-        "-r",
-        str(users),
-        "-t",
-        f"{seconds}s",
-        "--host",
-        address,
-        "--model",
-        "identity",
-        *(["--stream"] if stream else []),
-    ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")}
-    done = subprocess.run(
-        [str(locust), *args, "--summary-json", str(summary), "--only-summary", "--loglevel", "WARNING"],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 90,
-        env=env,
-        cwd=out,
-    )
-    if not summary.exists():
+    args = ["--model", "identity", *(["--stream"] if stream else [])]
+    summary, done = run_headless(address, *args, users=users, seconds=seconds, workdir=out, timeout_s=seconds + 90)
+    if summary is None:
         return {"generator": name, "error": f"locust exited {done.returncode}: {done.stderr.strip()[-300:]}"}
-    total = json.loads(summary.read_text())["total"]
+    total = summary["total"]
     if not total["requests"]:
         return {"generator": name, "error": f"no request completed in {seconds} s (locust started too slowly?)"}
     return {
@@ -320,7 +292,8 @@ def _locust(address: str, users: int, seconds: int, stream: bool, out: Path) -> 
         "latency_p50_ms": total["p50_ms"],
         "latency_p99_ms": total["p99_ms"],
         "failures": f"{total['failures']} of {total['requests']:,}",
-        "command": "locust " + " ".join(args).replace(str(LOCUSTFILE), "loadtest/locustfile.py"),
+        "command": f"locust -f loadtest/locustfile.py --headless -u {users} -r {users} -t {seconds}s --host {address} "
+        + " ".join(args),
     }
 
 

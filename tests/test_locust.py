@@ -13,21 +13,20 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from model_factory import onnx_identity, python_model
 from serving import free_port, running_server
 
+from tensorwire.loadtest.locust_runner import LOCUSTFILE, locust_command, run_headless
+
 # Never import locust here: importing it monkey-patches the standard library for gevent in this
 # (pytest) process, and every threaded test after it would then run on greenlets.
 if importlib.util.find_spec("locust") is None:
     pytest.skip("the loadtest extra (locust) is not installed", allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parent.parent
-LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
-LOCUST = Path(sys.executable).with_name("locust")
+LOCUST = locust_command()
 SLEEP_S = 0.05
 USERS = 8
 
@@ -63,36 +62,25 @@ def server(tmp_path_factory):
 
 
 def run_locust(
-    tmp_path: Path, *args: str, locustfile: Path = LOCUSTFILE, seconds: int = 3, users: int = USERS, timeout: float = 60
+    tmp_path: Path,
+    host: str,
+    *args: str,
+    locustfile: Path = LOCUSTFILE,
+    seconds: int = 3,
+    users: int = USERS,
+    timeout: float = 60,
 ) -> tuple[dict, subprocess.CompletedProcess]:
-    """Run locust headless; returns the locustfile's --summary-json totals and the process result."""
-    summary = tmp_path / "summary.json"
-    command = [
-        str(LOCUST),
-        "-f",
-        str(locustfile),
-        "--headless",
-        "-u",
-        str(users),
-        "-r",
-        str(users),
-        "-t",
-        f"{seconds}s",
-        "--summary-json",
-        str(summary),
-        "--only-summary",
-        "--loglevel",
-        "WARNING",
-        *args,
-    ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env)
-    assert summary.exists(), f"no summary (exit {done.returncode}):\n{done.stdout}\n{done.stderr}"
-    return json.loads(summary.read_text())["total"], done
+    """Run locust headless (the harness's runner); returns the locustfile's --summary-json totals and the process."""
+    summary, done = run_headless(
+        host, *args, users=users, seconds=seconds, workdir=tmp_path, locustfile=locustfile, timeout_s=timeout
+    )
+    assert summary is not None, f"no summary (exit {done.returncode}):\n{done.stdout}\n{done.stderr}"
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    return summary["total"], done
 
 
 def test_users_run_concurrently_with_zero_failures(server, tmp_path):
-    row, done = run_locust(tmp_path, "--host", server.address, "--model", "sleep50")
+    row, done = run_locust(tmp_path, server.address, "--model", "sleep50")
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert row["requests"] > 0 and row["failures"] == 0, output
@@ -107,7 +95,7 @@ def test_users_run_concurrently_with_zero_failures(server, tmp_path):
 
 def test_stream_users_run_concurrently(server, tmp_path):
     """``--stream``: each user sends on its own ModelStreamInfer stream, still one greenlet per user."""
-    row, done = run_locust(tmp_path, "--host", server.address, "--model", "sleep50", "--stream")
+    row, done = run_locust(tmp_path, server.address, "--model", "sleep50", "--stream")
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert row["requests"] > 0 and row["failures"] == 0, output
@@ -123,7 +111,7 @@ def test_control_without_init_gevent_users_block_each_other(server, tmp_path):
     assert source.count("\ngrpc_gevent.init_gevent()") == 1
     broken = tmp_path / "locustfile_without_init_gevent.py"
     broken.write_text(source.replace("\ngrpc_gevent.init_gevent()", "\npass  # init_gevent() removed"))
-    row, done = run_locust(tmp_path, "--host", server.address, "--model", "sleep50", locustfile=broken)
+    row, done = run_locust(tmp_path, server.address, "--model", "sleep50", locustfile=broken)
     rps = row["requests_per_s"]
     assert row["requests"] > 0, done.stderr
     assert rps < 0.5 * USERS / SLEEP_S, (
@@ -136,7 +124,6 @@ def test_processes_mode(server, tmp_path):
     port = free_port()
     row, done = run_locust(
         tmp_path,
-        "--host",
         f"grpc://{server.address}",
         "--model",
         "identity",
@@ -171,5 +158,5 @@ def test_missing_model_is_a_clear_error(tmp_path):
 
 
 def test_unknown_model_counts_as_failures(server, tmp_path):
-    row, done = run_locust(tmp_path, "--host", server.address, "--model", "no_such_model", seconds=1, users=2)
+    row, done = run_locust(tmp_path, server.address, "--model", "no_such_model", seconds=1, users=2)
     assert row["failures"] >= 1 and row["failures"] == row["requests"], done.stderr
