@@ -121,14 +121,14 @@ def measure_ceiling(
                     session.run(None, feeds)
                 _run_window(sessions, feeds, warmup_seconds)
                 throughputs, all_latencies, calls, wall = [], [], 0, 0.0
-                cpu_before, load_before = time.process_time(), _stats.load_average()
+                cpu_before, load_before = _stats.own_cpu_s(), _stats.load_average()
                 for _ in range(repeats):
                     n, elapsed, latencies = _run_window(sessions, feeds, seconds)
                     throughputs.append(n / elapsed)
                     all_latencies += latencies
                     calls += n
                     wall += elapsed
-                cores_used = (time.process_time() - cpu_before) / wall
+                cores_used = (_stats.own_cpu_s() - cpu_before) / wall
                 batches_per_s = statistics.median(throughputs)
                 p50, p90, p99 = np.percentile(np.asarray(all_latencies) * 1e3, [50, 90, 99])
                 rows.append(
