@@ -32,9 +32,11 @@ serve: $(STAMP) $(REPO)/.built
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Regenerate BENCHMARKS.md (~15 min; waits for a quiet machine). Raw numbers and logs go to .cache/.
+# Regenerate BENCHMARKS.md from its named scenarios (~25 min; waits for a quiet machine); ONLY=name[,name]
+# measures just those and keeps the others' last numbers. Raw numbers and logs go to .cache/benchmarks/.
+ONLY ?=
 bench: $(STAMP)
-	$(BIN)/python -m tensorwire.loadtest.benchmarks_all --out BENCHMARKS.md
+	$(BIN)/python -m tensorwire.loadtest.benchmarks --out BENCHMARKS.md $(if $(ONLY),--only $(ONLY))
 
 proto: $(STAMP)
 	$(BIN)/python -m tensorwire.proto.generate

@@ -1,10 +1,10 @@
-"""Request inputs for load generators, built from what the server says about a model.
+"""Request inputs for load generators, built from what the server (or the model file) says about a model.
 
-Both the locustfile and ``tensorwire bench`` send the same kind of request: every input of
-the model, ``batch_size`` rows when the model takes a batch dimension, variable dimensions
-as 1 (or a shape given on the command line), seeded finite values (standard normal clipped
-to [-3, 3] for floats: random bytes would overflow a CNN to inf/NaN), zeros for integers,
-``b"x"`` for BYTES.
+The locustfile, ``tensorwire bench``, the SDK benchmark and the in-process ceiling send the same kind of
+input: every input of the model, ``batch_size`` rows when the model takes a batch dimension, variable
+dimensions as 1 (or a shape given on the command line), seeded finite values (standard normal clipped
+to [-3, 3] for floats: random bytes would overflow a CNN to inf/NaN), zeros for integers, ``b"x"`` for
+BYTES.
 """
 
 from __future__ import annotations
@@ -15,6 +15,23 @@ from dataclasses import dataclass
 import numpy as np
 
 from tensorwire.proto import codec
+
+#: ONNX Runtime's type strings -> v2 datatypes (what a model file says, in the protocol's words)
+ORT_DATATYPES = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
 
 
 @dataclass(frozen=True)
@@ -71,6 +88,19 @@ def input_specs(
         specs.append(InputSpec(tensor.name, datatype or tensor.datatype, full, batched))
     if not specs:
         raise ValueError(f"model {metadata.name!r} lists no inputs")
+    return specs
+
+
+def session_specs(session, batch_size: int) -> list[InputSpec]:
+    """Input specs from an ONNX Runtime session: the first dimension is the batch (``batch_size`` rows),
+    other variable dimensions 1. Raises ValueError for a type outside :data:`ORT_DATATYPES`."""
+    specs = []
+    for meta in session.get_inputs():
+        if meta.type not in ORT_DATATYPES:
+            raise ValueError(f"input {meta.name!r} has ONNX type {meta.type}, which load generators do not send")
+        dims = list(meta.shape)
+        shape = tuple([batch_size] + [d if isinstance(d, int) and d > 0 else 1 for d in dims[1:]]) if dims else ()
+        specs.append(InputSpec(meta.name, ORT_DATATYPES[meta.type], shape, batched=bool(dims)))
     return specs
 
 

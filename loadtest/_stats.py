@@ -81,17 +81,23 @@ class ServerCounters:
         return cls(**totals)
 
 
-def server_delta(
-    before: ServerCounters | None, after: ServerCounters | None
-) -> dict[str, float | int | None]:
+def server_delta(before: ServerCounters | None, after: ServerCounters | None) -> dict[str, float | int | None]:
     """Server-side view of a measurement: average batch and where a request's time went (µs).
 
     ``server_avg_batch`` = Δinference_count / Δexecution_count (rows per model execution);
     ``server_queue_us`` / ``server_compute_us`` / ``server_request_us``: mean per request of the
     queue wait, the batch's compute (input + infer + output) and the whole server-side request.
     """
-    keys = ("server_requests", "server_inferences", "server_executions", "server_avg_batch",
-            "server_queue_us", "server_compute_us", "server_request_us", "server_failures")
+    keys = (
+        "server_requests",
+        "server_inferences",
+        "server_executions",
+        "server_avg_batch",
+        "server_queue_us",
+        "server_compute_us",
+        "server_request_us",
+        "server_failures",
+    )
     if before is None or after is None:
         return dict.fromkeys(keys)
     d = {k: getattr(after, k) - getattr(before, k) for k in ServerCounters.__dataclass_fields__}
@@ -111,30 +117,55 @@ def server_delta(
     }
 
 
-# --------------------------------------------------------------------------- CPU
+# --------------------------------------------------------------------------- CPU (psutil)
 
 
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+def process_tree_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` and its live descendants (None when it is gone).
 
+    Descendants count so that a server with worker processes is measured whole; a child that has
+    already exited is not counted (its time is lost to us).
+    """
+    import psutil
 
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process (Linux /proc; None if unreadable)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            text = f.read().decode()
-    except OSError:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
         return None
-    fields = text[text.rindex(")") + 2 :].split()  # the command name may hold spaces and ')'
-    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime (fields 14 and 15 of stat)
+    total = 0.0
+    for index, process in enumerate(processes):
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            if index == 0:
+                return None
+            continue
+        total += times.user + times.system
+    return total
 
 
-def own_cpu_seconds() -> float:
-    """CPU seconds of this process, all threads."""
-    t = os.times()
-    return t.user + t.system
+def own_cpu_s() -> float:
+    """CPU seconds (user + system) of this process, all threads."""
+    import psutil
+
+    times = psutil.Process().cpu_times()
+    return times.user + times.system
+
+
+def reaped_children_cpu_s() -> float:
+    """CPU seconds of this process's children that have exited and been waited for (getrusage's CHILDREN).
+
+    The difference across a ``subprocess.run`` is what that command used, all its processes together.
+    """
+    import psutil
+
+    times = psutil.Process().cpu_times()
+    return times.children_user + times.children_system
 
 
 def load_average() -> float | None:
+    """The 1-minute load average, or None where the OS has none."""
     try:
         return os.getloadavg()[0]
     except OSError:

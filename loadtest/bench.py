@@ -10,15 +10,18 @@ fixed windows until the last ``--stable-windows`` windows agree within ``--stabi
 throughput (or ``--max-windows`` pass: the level is then marked unstable and the last windows are
 used anyway). The reported numbers cover exactly those last windows.
 
-Modes: ``sync`` = N threads sharing one blocking :class:`InferenceClient`; ``async`` = N asyncio tasks
-sharing one :class:`AsyncInferenceClient`; ``stream`` = N asyncio tasks sharing one ``ModelStreamInfer``
-stream (N requests in flight on it).
+Modes: ``async`` = N asyncio tasks sharing one :class:`AsyncInferenceClient`, one unary ``ModelInfer``
+call each; ``stream`` = N asyncio tasks sharing one ``ModelStreamInfer`` stream (N requests in flight
+on it), the fast path: a Python server answers about twice as many requests per second over a stream
+as over unary calls, because per-call set-up dominates its cost; ``sync`` = N threads sharing one
+blocking :class:`InferenceClient`. The default runs ``async`` and ``stream`` and prints how many times
+faster the stream was at each level.
 
 Per level: requests, errors, window, throughput (requests/s and samples/s), latency p50/p90/p99 as the
 client saw it, and from the server's ModelStatistics over the same windows: average batch
 (Δinference_count / Δexecution_count) and the queue / compute time per request. CPU used by this
-process and, with ``--server-pid`` (or a server started with ``--repo``), by the server: on a shared
-machine the two compete for the same cores.
+process and, with ``--server-pid`` (or a server started with ``--repo``), by the server and its child
+processes (psutil): on a shared machine the two compete for the same cores.
 
 ``--ceiling`` first measures the in-process ONNX Runtime throughput of the same model file (found in
 ``--repo``, or ``--model-file``) at each batch size, with the replicas and threads of the model's
@@ -31,17 +34,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,9 +47,19 @@ import numpy as np
 
 from tensorwire.client import AsyncInferenceClient, InferenceClient, InferenceServerError, RetryPolicy
 from tensorwire.loadtest import _stats, report
+from tensorwire.loadtest._cli import DefaultsOnceFormatter, positive_ints
 from tensorwire.loadtest._inputs import InputSpec, parse_shape, request_inputs, rows_per_request
+from tensorwire.loadtest.ceiling import (
+    attach_efficiency,
+    ceiling_batch_sizes,
+    latest_model_file,
+    measure_model_ceiling,
+)
+from tensorwire.loadtest.launch import serve
 
 MODES = ("sync", "async", "stream")
+#: unary and the stream side by side: the stream is the fast path, and the summary says by how much
+DEFAULT_MODES = ("async", "stream")
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -64,7 +71,7 @@ class BenchSettings:
     model: str
     version: str | None = None
     concurrency: Sequence[int] = DEFAULT_CONCURRENCY
-    modes: Sequence[str] = ("sync",)
+    modes: Sequence[str] = DEFAULT_MODES
     batch_size: int = 1
     input_shape: Sequence[int] | None = None
     datatype: str | None = None
@@ -99,8 +106,9 @@ def _threads_are_greenlets() -> bool:
 class SyncLoad:
     """N threads, each calling ``InferenceClient.infer`` in a loop on one shared client."""
 
-    def __init__(self, client: InferenceClient, settings: BenchSettings, inputs: dict[str, np.ndarray],
-                 recorder: Recorder) -> None:
+    def __init__(
+        self, client: InferenceClient, settings: BenchSettings, inputs: dict[str, np.ndarray], recorder: Recorder
+    ) -> None:
         if _threads_are_greenlets():
             raise RuntimeError(
                 "threading is monkey-patched by gevent in this process (was locust imported?): sync "
@@ -127,8 +135,9 @@ class SyncLoad:
 
     def start(self, concurrency: int) -> None:
         self._stop.clear()
-        self._threads = [threading.Thread(target=self._worker, name=f"bench-{i}", daemon=True)
-                         for i in range(concurrency)]
+        self._threads = [
+            threading.Thread(target=self._worker, name=f"bench-{i}", daemon=True) for i in range(concurrency)
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -141,8 +150,9 @@ class SyncLoad:
 class AsyncLoad:
     """N asyncio tasks on one event loop (in a thread of its own), unary or on one shared stream."""
 
-    def __init__(self, settings: BenchSettings, inputs: dict[str, np.ndarray], recorder: Recorder,
-                 stream: bool) -> None:
+    def __init__(
+        self, settings: BenchSettings, inputs: dict[str, np.ndarray], recorder: Recorder, stream: bool
+    ) -> None:
         self.settings, self.inputs, self.recorder, self.stream = settings, inputs, recorder, stream
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -241,9 +251,11 @@ class PlainDisplay(Display):
         if p99 is None:
             text = f"no successful request ({row['errors']} errors)"
         else:
-            text = (f"{row['throughput_rps']:,.0f} req/s, p99 {p99:.2f} ms, errors {row['errors']}, "
-                    f"last {row['windows']} of {row['windows_run']} windows, "
-                    f"{'stable' if row['stable'] else 'NOT stable'}")
+            text = (
+                f"{row['throughput_rps']:,.0f} req/s, p99 {p99:.2f} ms, errors {row['errors']}, "
+                f"last {row['windows']} of {row['windows_run']} windows, "
+                f"{'stable' if row['stable'] else 'NOT stable'}"
+            )
         print(head + text, file=self.stream, flush=True)
 
     def message(self, text: str) -> None:
@@ -259,23 +271,25 @@ class RichDisplay(Display):
 
         self.console = Console(stderr=True)
         self.progress = Progress(
-            TextColumn("[bold]{task.fields[label]}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=self.console,
+            TextColumn("[bold]{task.fields[label]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=self.console,
         )
         self.progress.start()
         self.task = None
 
     def start_level(self, label: str, concurrency: int, max_windows: int) -> None:
-        self.task = self.progress.add_task("", total=max_windows, label=f"{label} c={concurrency}",
-                                           status="starting")
+        self.task = self.progress.add_task("", total=max_windows, label=f"{label} c={concurrency}", status="starting")
 
     def warming(self) -> None:
         self.progress.update(self.task, status="warming up")
 
     def window(self, index: int, throughput: float, p99_ms: float | None, errors: int) -> None:
         p99 = f"{p99_ms:.2f} ms" if p99_ms is not None else "–"
-        self.progress.update(self.task, completed=index,
-                             status=f"{throughput:,.0f} req/s  p99 {p99}  errors {errors}")
+        self.progress.update(self.task, completed=index, status=f"{throughput:,.0f} req/s  p99 {p99}  errors {errors}")
 
     def end_level(self, row: dict[str, Any]) -> None:
         p99 = row.get("latency_p99_ms")
@@ -314,8 +328,7 @@ class Sweep:
             raise ValueError("need 1 <= stable windows <= max windows")
         self.settings = settings
         self.display = display or Display()
-        self.client = InferenceClient(settings.address, retry=RetryPolicy.disabled(),
-                                      timeout=settings.timeout_s)
+        self.client = InferenceClient(settings.address, retry=RetryPolicy.disabled(), timeout=settings.timeout_s)
         self.inputs: dict[str, np.ndarray] = {}
         self.specs: list[InputSpec] = []
         self.max_batch_size: int | None = None
@@ -341,16 +354,17 @@ class Sweep:
         return rows_per_request(self.specs)
 
     def _snapshot(self, recorder: Recorder) -> Snapshot:
-        t = time.perf_counter()
-        done, failed = len(recorder.done), len(recorder.failed)
-        client_cpu = _stats.own_cpu_seconds()
-        pid = self.settings.server_pid
-        server_cpu = _stats.process_cpu_seconds(pid) if pid else None
+        """Client counters right after the server's statistics (so both count the same requests), then CPU."""
         try:
             response = self.client.model_statistics(self.settings.model, self.settings.version, timeout=10)
             server = _stats.ServerCounters.from_response(response, self.settings.model)
         except InferenceServerError:
             server = None
+        t = time.perf_counter()
+        done, failed = len(recorder.done), len(recorder.failed)
+        client_cpu = _stats.own_cpu_s()
+        pid = self.settings.server_pid
+        server_cpu = _stats.process_tree_cpu_s(pid) if pid else None
         return Snapshot(t, done, failed, client_cpu, server_cpu, server)
 
     def run_level(self, mode: str, concurrency: int) -> dict[str, Any]:
@@ -373,13 +387,13 @@ class Sweep:
                 snaps.append(self._snapshot(recorder))
                 a, b = snaps[-2], snaps[-1]
                 throughputs.append((b.done - a.done) / (b.t - a.t))
-                recent = [lat for _, lat in recorder.done[a.done:b.done]]
+                recent = [lat for _, lat in recorder.done[a.done : b.done]]
                 p99 = _stats.percentiles_ms(recent)["latency_p99_ms"]
                 self.display.window(len(throughputs), throughputs[-1], p99, b.failed - a.failed)
                 if isinstance(load, AsyncLoad) and load.error is not None:
                     break
                 if len(throughputs) >= s.stable_windows and _stats.is_stable(
-                    throughputs[-s.stable_windows:], s.stability_pct
+                    throughputs[-s.stable_windows :], s.stability_pct
                 ):
                     break
         finally:
@@ -391,13 +405,21 @@ class Sweep:
         self.display.end_level(row)
         return row
 
-    def summarize(self, mode: str, concurrency: int, recorder: Recorder, first: Snapshot, last: Snapshot,
-                  throughputs: list[float], used: int) -> dict[str, Any]:
+    def summarize(
+        self,
+        mode: str,
+        concurrency: int,
+        recorder: Recorder,
+        first: Snapshot,
+        last: Snapshot,
+        throughputs: list[float],
+        used: int,
+    ) -> dict[str, Any]:
         s = self.settings
         window_s = last.t - first.t
         requests = last.done - first.done
         errors = last.failed - first.failed
-        latencies = [lat for _, lat in recorder.done[first.done:last.done]]
+        latencies = [lat for _, lat in recorder.done[first.done : last.done]]
         kinds: dict[str, int] = {}
         for _, kind in recorder.failed:
             kinds[kind] = kinds.get(kind, 0) + 1
@@ -416,7 +438,7 @@ class Sweep:
             "windows_run": len(throughputs),
             "window_throughputs_rps": throughputs,
             "stable": len(throughputs) >= s.stable_windows
-            and _stats.is_stable(throughputs[-s.stable_windows:], s.stability_pct),
+            and _stats.is_stable(throughputs[-s.stable_windows :], s.stability_pct),
             "stability_pct": s.stability_pct,
             "spread_pct": _stats.spread_pct(throughputs[-used:]),
             "throughput_rps": throughput,
@@ -446,141 +468,21 @@ class Sweep:
         return rows
 
 
-# --------------------------------------------------------------------------- ceiling
-
-
-def latest_model_file(repo: Path, model: str, version: str | None = None) -> tuple[Path, Any]:
-    """(model file, validated config) of a model in a local repository."""
-    from tensorwire.repository import available_versions, load_model_config
-
-    model_dir = Path(repo) / model
-    config = load_model_config(model_dir)
-    versions = available_versions(model_dir)
-    if not versions:
-        raise FileNotFoundError(f"{model_dir} has no version folders")
-    chosen = int(version) if version else max(config.version_policy.select(versions) or versions)
-    return model_dir / str(chosen) / config.model_filename, config
-
-
-def ceiling_placement(config: Any | None, cores: int) -> tuple[int, int]:
-    """(intra-op threads, replicas) the server gives a CPU model (mirrors its placement rule)."""
-    if config is None:
-        return cores, 1
-    groups = config.instance_group
-    replicas = sum(g.count for g in groups)
-    threads = groups[0].threads or max(1, cores // replicas)
-    return threads, replicas
-
-
-def ceiling_batch_sizes(
-    rows: int, max_batch_size: int, batching: bool, concurrency: Sequence[int]
-) -> list[int]:
-    """The batch sizes worth measuring: what each level could form (see the module docstring)."""
-    if not batching or max_batch_size <= 0:
-        return [rows]
-    top = min(max_batch_size, rows * max(concurrency))
-    sizes = {rows}
-    size = rows
-    while size * 2 <= top:
-        size *= 2
-        sizes.add(size)
-    sizes.add(top)
-    return sorted(sizes)
-
-
-def attach_efficiency(rows: list[dict[str, Any]], ceiling: list[dict[str, Any]], max_batch_size: int,
-                      batching: bool) -> None:
-    """Fill ceiling_batch, ceiling_samples_per_s and efficiency in every row."""
-    if not ceiling:
-        return
-    for row in rows:
-        limit = row["batch_size"]
-        if batching and max_batch_size > 0:
-            limit = min(max_batch_size, row["concurrency"] * row["batch_size"])
-        fits = [c for c in ceiling if c["batch_size"] <= limit]
-        fits = fits or [min(ceiling, key=lambda c: c["batch_size"])]
-        best = max(fits, key=lambda c: c["samples_per_s"])
-        row["ceiling_batch"] = best["batch_size"]
-        row["ceiling_samples_per_s"] = best["samples_per_s"]
-        served = row["throughput_samples_per_s"]
-        row["efficiency"] = served / best["samples_per_s"] if best["samples_per_s"] else None
-
-
-def measure_model_ceiling(model_file: Path, config: Any | None, sizes: Sequence[int], seconds: float,
-                          repeats: int, threads: int | None = None, replicas: int | None = None
-                          ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """In-process throughput of the model file at each batch size (ONNX models only)."""
-    from tensorwire.loadtest.ceiling import measure_ceiling
-
-    placed_threads, placed_replicas = ceiling_placement(config, report.usable_cores())
-    threads = threads or placed_threads
-    replicas = replicas or placed_replicas
-    rows = measure_ceiling(model_file, sizes, [threads], seconds=seconds, replicas=[replicas],
-                           repeats=repeats)
-    return rows, {"model_file": str(model_file), "threads": threads, "replicas": replicas,
-                  "seconds": seconds, "repeats": repeats}
-
-
-# --------------------------------------------------------------------------- a server of our own
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def local_server(repo: Path, extra_args: Sequence[str] = (), ready_timeout: float = 300.0,
-                 log_path: Path | None = None) -> Iterator[tuple[str, int]]:
-    """``tensorwire serve --repo REPO`` on a free loopback port; yields (address, pid)."""
-    port = _free_port()
-    own_log = log_path is None
-    if own_log:
-        handle, name = tempfile.mkstemp(prefix="tensorwire-bench-server-", suffix=".log")
-        os.close(handle)
-        log_path = Path(name)
-    command = [sys.executable, "-m", "tensorwire.cli", "serve", "--repo", str(repo), "--host", "127.0.0.1",
-               "--grpc-port", str(port), "--metrics-port", "0", "--drain-seconds", "0", *extra_args]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    address = f"127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + ready_timeout
-        with InferenceClient(address, retry=RetryPolicy.disabled()) as client:
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"the server exited with {process.returncode}:\n"
-                                       f"{log_path.read_text(errors='replace')[-3000:]}")
-                try:
-                    if client.server_ready(timeout=1):
-                        break
-                except InferenceServerError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the server was not ready after {ready_timeout:.0f} s:\n"
-                                       f"{log_path.read_text(errors='replace')[-3000:]}")
-                time.sleep(0.2)
-        yield address, process.pid
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if own_log:
-            log_path.unlink(missing_ok=True)
-
-
 # --------------------------------------------------------------------------- one model, end to end
 
 
-def bench_model(settings: BenchSettings, *, display: Display | None = None, ceiling: bool = False,
-                model_file: Path | None = None, model_config: Any | None = None, ceiling_seconds: float = 0.5,
-                ceiling_repeats: int = 2, ceiling_threads: int | None = None,
-                ceiling_replicas: int | None = None) -> dict[str, Any]:
+def bench_model(
+    settings: BenchSettings,
+    *,
+    display: Display | None = None,
+    ceiling: bool = False,
+    model_file: Path | None = None,
+    model_config: Any | None = None,
+    ceiling_seconds: float = 0.5,
+    ceiling_repeats: int = 2,
+    ceiling_threads: int | None = None,
+    ceiling_replicas: int | None = None,
+) -> dict[str, Any]:
     """Run the sweep (and the ceiling first, if asked); returns the JSON document."""
     display = display or Display()
     sweep = Sweep(settings, display)
@@ -592,16 +494,18 @@ def bench_model(settings: BenchSettings, *, display: Display | None = None, ceil
         ceiling_info: dict[str, Any] | None = None
         if ceiling:
             if model_file is None or model_file.suffix != ".onnx":
-                display.message(f"ceiling skipped: no local ONNX model file for {settings.model} "
-                                "(give --repo or --model-file)")
+                display.message(
+                    f"ceiling skipped: no local ONNX model file for {settings.model} (give --repo or --model-file)"
+                )
                 ceiling_info = {"skipped": "no local ONNX model file"}
             else:
-                sizes = ceiling_batch_sizes(sweep.rows, sweep.max_batch_size or 0, bool(sweep.batching),
-                                            settings.concurrency)
+                sizes = ceiling_batch_sizes(
+                    sweep.rows, sweep.max_batch_size or 0, bool(sweep.batching), settings.concurrency
+                )
                 display.message(f"ceiling: {model_file.name} at batch sizes {sizes}")
                 ceiling_rows, ceiling_info = measure_model_ceiling(
-                    model_file, model_config, sizes, ceiling_seconds, ceiling_repeats, ceiling_threads,
-                    ceiling_replicas)
+                    model_file, model_config, sizes, ceiling_seconds, ceiling_repeats, ceiling_threads, ceiling_replicas
+                )
         rows = sweep.run()
         attach_efficiency(rows, ceiling_rows, sweep.max_batch_size or 0, bool(sweep.batching))
     finally:
@@ -617,32 +521,26 @@ def bench_model(settings: BenchSettings, *, display: Display | None = None, ceil
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()},
         "model": {
             "name": settings.model,
-            "inputs": [{"name": sp.name, "datatype": sp.datatype, "shape": list(sp.shape)}
-                       for sp in sweep.specs],
+            "inputs": [{"name": sp.name, "datatype": sp.datatype, "shape": list(sp.shape)} for sp in sweep.specs],
             "max_batch_size": sweep.max_batch_size,
             "dynamic_batching": sweep.batching,
         },
         "ceiling": ceiling_rows,
         "ceiling_settings": ceiling_info,
         "levels": rows,
-        "knee": None if knee_row is None else {
-            "mode": knee_row["mode"], "concurrency": knee_row["concurrency"],
-            "throughput_rps": knee_row["throughput_rps"], "latency_p99_ms": knee_row["latency_p99_ms"],
+        "stream_vs_unary": stream_vs_unary(rows),
+        "knee": None
+        if knee_row is None
+        else {
+            "mode": knee_row["mode"],
+            "concurrency": knee_row["concurrency"],
+            "throughput_rps": knee_row["throughput_rps"],
+            "latency_p99_ms": knee_row["latency_p99_ms"],
         },
     }
 
 
 # --------------------------------------------------------------------------- command line
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
-    return values
 
 
 def _modes(text: str) -> list[str]:
@@ -657,88 +555,175 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tensorwire bench",
         description="Closed-loop benchmark of one model: a concurrency sweep with warm-up, stable "
-                    "measurement windows, client and server-side numbers, JSON and a plot.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "measurement windows, client and server-side numbers, JSON and a plot.",
+        formatter_class=DefaultsOnceFormatter,
     )
     target = parser.add_argument_group("target")
     target.add_argument("--model", "-m", required=True, help="model name")
     target.add_argument("--model-version", default=None, help="model version (default: the server's choice)")
-    target.add_argument("--address", "-a", default=None,
-                        help="server host:port (default: start a server on loopback for --repo, "
-                             "else 127.0.0.1:8001)")
-    target.add_argument("--repo", type=Path, default=None,
-                        help="model repository: without --address a server for it is started on a free "
-                             "loopback port; with --ceiling the model file is read from it")
-    target.add_argument("--server-pid", type=int, default=None,
-                        help="the server's process id, to report its CPU use (Linux /proc)")
+    target.add_argument(
+        "--address",
+        "-a",
+        default=None,
+        help="server host:port (default: start a server on loopback for --repo, else 127.0.0.1:8001)",
+    )
+    target.add_argument(
+        "--repo",
+        type=Path,
+        default=None,
+        help="model repository: without --address a server for it is started on a free "
+        "loopback port; with --ceiling the model file is read from it",
+    )
+    target.add_argument(
+        "--server-pid",
+        type=int,
+        default=None,
+        help="the server's process id, to report its CPU use (and its child processes')",
+    )
     load = parser.add_argument_group("load")
-    load.add_argument("--concurrency", "-c", type=_ints, default=list(DEFAULT_CONCURRENCY),
-                      help="requests in flight, comma-separated levels")
-    load.add_argument("--mode", type=_modes, default=["sync"], help=f"comma-separated: {', '.join(MODES)}")
+    load.add_argument(
+        "--concurrency",
+        "-c",
+        type=positive_ints,
+        default=list(DEFAULT_CONCURRENCY),
+        help="requests in flight, comma-separated levels",
+    )
+    load.add_argument(
+        "--mode",
+        type=_modes,
+        default=list(DEFAULT_MODES),
+        help="comma-separated: async (unary calls from asyncio tasks), stream (one ModelStreamInfer stream: "
+        "the fast path), sync (threads, the blocking client)",
+    )
     load.add_argument("--batch-size", "-b", type=int, default=1, help="rows per request (batched models)")
-    load.add_argument("--input-shape", default=None, help="per-sample shape without the batch dimension, "
-                                                          "e.g. 3,32,32 (default: from metadata)")
+    load.add_argument(
+        "--input-shape",
+        default=None,
+        help="per-sample shape without the batch dimension, e.g. 3,32,32 (default: from metadata)",
+    )
     load.add_argument("--datatype", default=None, help="input datatype (default: from metadata)")
     load.add_argument("--timeout", type=float, default=30.0, help="deadline per request, seconds")
-    load.add_argument("--ready-timeout", type=float, default=60.0,
-                      help="seconds to wait for the server and the model to be ready")
+    load.add_argument(
+        "--ready-timeout", type=float, default=60.0, help="seconds to wait for the server and the model to be ready"
+    )
     measure = parser.add_argument_group("measurement")
-    measure.add_argument("--warmup", type=float, default=2.0,
-                         help="seconds of load before measuring, per level")
+    measure.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring, per level")
     measure.add_argument("--window", type=float, default=2.0, help="seconds per measurement window")
-    measure.add_argument("--stable-windows", type=int, default=3,
-                         help="consecutive windows that must agree; the numbers cover these windows")
-    measure.add_argument("--stability", type=float, default=10.0,
-                         help="windows agree when each is within this %% of their mean throughput")
+    measure.add_argument(
+        "--stable-windows",
+        type=int,
+        default=3,
+        help="consecutive windows that must agree; the numbers cover these windows",
+    )
+    measure.add_argument(
+        "--stability",
+        type=float,
+        default=10.0,
+        help="windows agree when each is within this %% of their mean throughput",
+    )
     measure.add_argument("--max-windows", type=int, default=10, help="give up on stability after this many")
     ceil = parser.add_argument_group("ceiling")
-    ceil.add_argument("--ceiling", action="store_true",
-                      help="measure in-process ONNX Runtime throughput of the model file first; report "
-                           "efficiency = served / ceiling")
+    ceil.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="measure in-process ONNX Runtime throughput of the model file first; report efficiency = served / ceiling",
+    )
     ceil.add_argument("--model-file", type=Path, default=None, help="the model.onnx (default: from --repo)")
-    ceil.add_argument("--ceiling-threads", type=int, default=None,
-                      help="intra-op threads (default: as the server places the model)")
-    ceil.add_argument("--ceiling-replicas", type=int, default=None,
-                      help="sessions side by side (default: the model's instance count)")
+    ceil.add_argument(
+        "--ceiling-threads", type=int, default=None, help="intra-op threads (default: as the server places the model)"
+    )
+    ceil.add_argument(
+        "--ceiling-replicas", type=int, default=None, help="sessions side by side (default: the model's instance count)"
+    )
     ceil.add_argument("--ceiling-seconds", type=float, default=0.5, help="window per ceiling point")
     ceil.add_argument("--ceiling-repeats", type=int, default=2, help="windows per ceiling point")
     out = parser.add_argument_group("output")
     out.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON ('-': stdout)")
-    out.add_argument("--plot", type=Path, default=None, metavar="PNG",
-                     help="throughput and p99 against concurrency (needs matplotlib)")
+    out.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="throughput and p99 against concurrency (needs matplotlib)",
+    )
     out.add_argument("--markdown", action="store_true", help="print the summary as a markdown table")
-    out.add_argument("--progress", choices=["auto", "rich", "plain", "none"], default="auto",
-                     help="progress display (auto: rich on a terminal, one line per level otherwise)")
+    out.add_argument(
+        "--progress",
+        choices=["auto", "rich", "plain", "none"],
+        default="auto",
+        help="progress display (auto: rich on a terminal, one line per level otherwise)",
+    )
     return parser
 
 
+def stream_vs_unary(levels: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per concurrency level measured both ways: the stream's throughput against unary calls' (``async``
+    preferred, else ``sync``); ``ratio`` = stream req/s ÷ unary req/s."""
+    by = {(r["mode"], r["concurrency"]): r for r in levels if r.get("throughput_rps")}
+    pairs = []
+    for concurrency in dict.fromkeys(r["concurrency"] for r in levels):
+        stream = by.get(("stream", concurrency))
+        unary = by.get(("async", concurrency)) or by.get(("sync", concurrency))
+        if stream and unary:
+            pairs.append(
+                {
+                    "concurrency": concurrency,
+                    "unary_mode": unary["mode"],
+                    "unary_rps": unary["throughput_rps"],
+                    "stream_rps": stream["throughput_rps"],
+                    "ratio": stream["throughput_rps"] / unary["throughput_rps"],
+                }
+            )
+    return pairs
+
+
+def summary_lines(document: dict[str, Any]) -> list[str]:
+    """The sentences under the table: stream vs unary per level (or how to see it), the knee, the load."""
+    lines = []
+    pairs = document.get("stream_vs_unary") or []
+    if pairs:
+        lines.append(
+            "stream vs unary (the stream is the fast path): "
+            + "; ".join(
+                f"c={p['concurrency']}: {p['stream_rps']:,.0f} vs {p['unary_rps']:,.0f} req/s ({p['ratio']:.2f}×)"
+                for p in pairs
+            )
+        )
+    elif "stream" not in {r["mode"] for r in document["levels"]}:
+        lines.append("tip: add --mode stream to measure the ModelStreamInfer fast path beside unary calls")
+    knee_row = document.get("knee")
+    if knee_row:
+        lines.append(
+            f"knee: {knee_row['mode']} at concurrency {knee_row['concurrency']} reaches 90 % of the "
+            f"peak throughput ({knee_row['throughput_rps']:,.0f} req/s, p99 "
+            f"{knee_row['latency_p99_ms']:.2f} ms)"
+        )
+    load = document.get("load_average_before")
+    if load is not None:
+        lines.append(f"load average before: {load:.2f}")
+    return lines
+
+
 def print_summary(document: dict[str, Any], markdown: bool, stream=None) -> None:
+    """The levels as a table (rich on a terminal, markdown otherwise or with ``markdown``), then
+    :func:`summary_lines`."""
     stream = stream or sys.stdout
     rows = document["levels"]
-    knee_row = document.get("knee")
-    knee_text = ""
-    if knee_row:
-        knee_text = (f"knee: {knee_row['mode']} at concurrency {knee_row['concurrency']} reaches 90 % of the "
-                     f"peak throughput ({knee_row['throughput_rps']:,.0f} req/s, p99 "
-                     f"{knee_row['latency_p99_ms']:.2f} ms)")
-    load = document.get("load_average_before")
-    note = f"load average before: {load:.2f}" if load is not None else ""
+    lines = summary_lines(document)
     if not markdown and stream.isatty():
         try:
             from rich.console import Console
 
             console = Console(file=stream)
             console.print(report.rich_table(rows, title=f"tensorwire bench: {document['model']['name']}"))
-            for text in (knee_text, note):
-                if text:
-                    console.print(text)
+            for text in lines:
+                console.print(text)
             return
         except ImportError:
             pass
     print(report.markdown_table(rows), file=stream)
-    for text in (knee_text, note):
-        if text:
-            print(f"\n{text}", file=stream)
+    for text in lines:
+        print(f"\n{text}", file=stream)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -772,29 +757,50 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run(address: str, pid: int | None) -> dict[str, Any]:
         settings = BenchSettings(
-            address=address, model=args.model, version=args.model_version, concurrency=args.concurrency,
-            modes=args.mode, batch_size=args.batch_size, input_shape=shape, datatype=args.datatype,
-            warmup_s=args.warmup, window_s=args.window, stable_windows=args.stable_windows,
-            max_windows=args.max_windows, stability_pct=args.stability, timeout_s=args.timeout,
-            server_pid=pid, ready_timeout_s=args.ready_timeout,
+            address=address,
+            model=args.model,
+            version=args.model_version,
+            concurrency=args.concurrency,
+            modes=args.mode,
+            batch_size=args.batch_size,
+            input_shape=shape,
+            datatype=args.datatype,
+            warmup_s=args.warmup,
+            window_s=args.window,
+            stable_windows=args.stable_windows,
+            max_windows=args.max_windows,
+            stability_pct=args.stability,
+            timeout_s=args.timeout,
+            server_pid=pid,
+            ready_timeout_s=args.ready_timeout,
         )
         display = make_display(args.progress)
         try:
-            return bench_model(settings, display=display, ceiling=args.ceiling, model_file=model_file,
-                               model_config=model_config, ceiling_seconds=args.ceiling_seconds,
-                               ceiling_repeats=args.ceiling_repeats, ceiling_threads=args.ceiling_threads,
-                               ceiling_replicas=args.ceiling_replicas)
+            return bench_model(
+                settings,
+                display=display,
+                ceiling=args.ceiling,
+                model_file=model_file,
+                model_config=model_config,
+                ceiling_seconds=args.ceiling_seconds,
+                ceiling_repeats=args.ceiling_repeats,
+                ceiling_threads=args.ceiling_threads,
+                ceiling_replicas=args.ceiling_replicas,
+            )
         finally:
             display.close()
 
     load = _stats.load_average()
     if load is not None and load > report.usable_cores() * 0.75:
-        print(f"bench: warning: load average {load:.2f} on {report.usable_cores()} cores before starting; "
-              "other processes compete for the CPU and the numbers will be low and noisy", file=sys.stderr)
+        print(
+            f"bench: warning: load average {load:.2f} on {report.usable_cores()} cores before starting; "
+            "other processes compete for the CPU and the numbers will be low and noisy",
+            file=sys.stderr,
+        )
     try:
         if args.address is None:
-            with local_server(args.repo) as (address, pid):
-                document = run(address, pid)
+            with serve(args.repo, "--drain-seconds", "0", metrics=False, ready_timeout=300) as server:
+                document = run(server.address, server.pid)
                 document["server"] = {"started_by_bench": True, "repo": str(args.repo)}
         else:
             document = run(args.address, args.server_pid)

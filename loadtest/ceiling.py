@@ -11,8 +11,9 @@ replica pool would: compare ``threads=2, replicas=1`` with ``threads=1, replicas
 ``instance_group`` for a 2-core machine.
 
 Inputs are seeded standard-normal samples (finite: the CNN stays finite), shaped from the model's
-own input metadata with the first dimension as the batch. The bench tool's ``--ceiling`` mode calls
-:func:`measure_ceiling`.
+own input metadata with the first dimension as the batch. ``tensorwire bench --ceiling`` and the
+benchmark scenarios use :func:`measure_model_ceiling` (the same, placed as the server places the model)
+and :func:`attach_efficiency` (served ÷ ceiling per level).
 """
 
 from __future__ import annotations
@@ -30,16 +31,14 @@ from typing import Any
 
 import numpy as np
 
-#: ONNX tensor element type strings -> numpy dtypes (the ones a benchmark model plausibly takes)
-_ORT_TYPES = {
-    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
-}
+from tensorwire.loadtest import _stats
+from tensorwire.loadtest._cli import DefaultsOnceFormatter, positive_ints
+from tensorwire.loadtest._inputs import make_arrays, session_specs
 
 
-def make_session(model_path: str | Path, threads: int):
-    """A CPU session with ``threads`` intra-op threads and sequential execution."""
+def make_session(model_path: str | Path, threads: int, spinning: bool = True):
+    """A CPU session with ``threads`` intra-op threads and sequential execution; ``spinning=False`` stops
+    idle intra-op threads from spinning (ONNX Runtime's default is to spin)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -48,24 +47,19 @@ def make_session(model_path: str | Path, threads: int):
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
 
 def make_inputs(session, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded inputs for every model input; the first dimension is the batch, other symbolic dims 1."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for meta in session.get_inputs():
-        dtype = _ORT_TYPES.get(meta.type)
-        if dtype is None:
-            raise ValueError(f"input {meta.name!r} has type {meta.type}; only numeric inputs are supported")
-        dims = list(meta.shape)
-        shape = [batch] + [d if isinstance(d, int) and d > 0 else 1 for d in dims[1:]] if dims else []
-        if np.issubdtype(dtype, np.floating):
-            feeds[meta.name] = np.clip(rng.standard_normal(shape), -3, 3).astype(dtype)
-        else:
-            feeds[meta.name] = np.zeros(shape, dtype=dtype)
-    return feeds
+    """Seeded inputs for every model input (as every load generator here builds them); the first dimension
+    is the batch, other symbolic dims 1. Raises ValueError for a string input."""
+    specs = session_specs(session, batch)
+    text = [spec.name for spec in specs if spec.datatype == "BYTES"]
+    if text:
+        raise ValueError(f"input {text[0]!r} holds strings; only numeric inputs are supported")
+    return make_arrays(specs, seed)
 
 
 def _run_window(sessions, feeds, seconds: float) -> tuple[int, float, list[float]]:
@@ -95,13 +89,6 @@ def _run_window(sessions, feeds, seconds: float) -> tuple[int, float, list[float
     elapsed = time.perf_counter() - started
     flat = [x for lat in latencies for x in lat]
     return len(flat), elapsed, flat
-
-
-def _load() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
 
 
 def measure_ceiling(
@@ -134,34 +121,129 @@ def measure_ceiling(
                     session.run(None, feeds)
                 _run_window(sessions, feeds, warmup_seconds)
                 throughputs, all_latencies, calls, wall = [], [], 0, 0.0
-                cpu_before, load_before = time.process_time(), _load()
+                cpu_before, load_before = _stats.own_cpu_s(), _stats.load_average()
                 for _ in range(repeats):
                     n, elapsed, latencies = _run_window(sessions, feeds, seconds)
                     throughputs.append(n / elapsed)
                     all_latencies += latencies
                     calls += n
                     wall += elapsed
-                cores_used = (time.process_time() - cpu_before) / wall
+                cores_used = (_stats.own_cpu_s() - cpu_before) / wall
                 batches_per_s = statistics.median(throughputs)
                 p50, p90, p99 = np.percentile(np.asarray(all_latencies) * 1e3, [50, 90, 99])
-                rows.append({
-                    "model": name,
-                    "threads": n_threads,
-                    "replicas": n_replicas,
-                    "batch_size": batch,
-                    "samples_per_s": batches_per_s * batch,
-                    "batches_per_s": batches_per_s,
-                    "latency_ms_p50": float(p50),
-                    "latency_ms_p90": float(p90),
-                    "latency_ms_p99": float(p99),
-                    "calls": calls,
-                    "cores_used": cores_used,
-                    "load_1m": load_before,
-                    "repeats": repeats,
-                    "seconds": seconds,
-                })
+                rows.append(
+                    {
+                        "model": name,
+                        "threads": n_threads,
+                        "replicas": n_replicas,
+                        "batch_size": batch,
+                        "samples_per_s": batches_per_s * batch,
+                        "batches_per_s": batches_per_s,
+                        "latency_ms_p50": float(p50),
+                        "latency_ms_p90": float(p90),
+                        "latency_ms_p99": float(p99),
+                        "calls": calls,
+                        "cores_used": cores_used,
+                        "load_1m": load_before,
+                        "repeats": repeats,
+                        "seconds": seconds,
+                    }
+                )
             del sessions
     return rows
+
+
+# --------------------------------------------------------------------------- a served model's ceiling
+
+
+def latest_model_file(repo: Path, model: str, version: str | None = None) -> tuple[Path, Any]:
+    """(model file, validated config) of ``model`` in a local repository: ``version`` or the newest served one.
+
+    Raises FileNotFoundError when the model has no version folder, RepositoryConfigError for a bad config.
+    """
+    from tensorwire.repository import available_versions, load_model_config
+
+    model_dir = Path(repo) / model
+    config = load_model_config(model_dir)
+    versions = available_versions(model_dir)
+    if not versions:
+        raise FileNotFoundError(f"{model_dir} has no version folders")
+    chosen = int(version) if version else max(config.version_policy.select(versions) or versions)
+    return model_dir / str(chosen) / config.model_filename, config
+
+
+def ceiling_placement(config: Any | None, cores: int) -> tuple[int, int]:
+    """(intra-op threads, replicas) the server gives a CPU model: the config's replicas, and its threads or
+    ``cores // replicas`` (the server's rule: threads x replicas <= cores); ``(cores, 1)`` without a config."""
+    if config is None:
+        return cores, 1
+    groups = config.instance_group
+    replicas = sum(g.count for g in groups)
+    threads = groups[0].threads or max(1, cores // replicas)
+    return threads, replicas
+
+
+def ceiling_batch_sizes(rows: int, max_batch_size: int, batching: bool, concurrency: Sequence[int]) -> list[int]:
+    """The batch sizes a server could form: powers of two from ``rows`` (rows per request) up to
+    min(max_batch_size, rows x the highest concurrency), that bound included; ``[rows]`` without batching."""
+    if not batching or max_batch_size <= 0:
+        return [rows]
+    top = min(max_batch_size, rows * max(concurrency))
+    sizes = {rows}
+    size = rows
+    while size * 2 <= top:
+        size *= 2
+        sizes.add(size)
+    sizes.add(top)
+    return sorted(sizes)
+
+
+def attach_efficiency(
+    levels: list[dict[str, Any]], ceiling: list[dict[str, Any]], max_batch_size: int, batching: bool
+) -> None:
+    """Fill ``ceiling_batch``, ``ceiling_samples_per_s`` and ``efficiency`` (served ÷ ceiling) in every level.
+
+    A level's ceiling is the best measured batch size it could form: at most concurrency x its rows
+    (and max_batch_size) with batching, its own rows without.
+    """
+    if not ceiling:
+        return
+    for level in levels:
+        limit = level["batch_size"]
+        if batching and max_batch_size > 0:
+            limit = min(max_batch_size, level["concurrency"] * level["batch_size"])
+        fits = [c for c in ceiling if c["batch_size"] <= limit] or [min(ceiling, key=lambda c: c["batch_size"])]
+        best = max(fits, key=lambda c: c["samples_per_s"])
+        level["ceiling_batch"] = best["batch_size"]
+        level["ceiling_samples_per_s"] = best["samples_per_s"]
+        served = level["throughput_samples_per_s"]
+        level["efficiency"] = served / best["samples_per_s"] if best["samples_per_s"] else None
+
+
+def measure_model_ceiling(
+    model_file: Path,
+    config: Any | None,
+    sizes: Sequence[int],
+    seconds: float,
+    repeats: int,
+    threads: int | None = None,
+    replicas: int | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """:func:`measure_ceiling` of one ONNX file placed as the server would place it (or as told);
+    returns (rows, the settings used)."""
+    from tensorwire.loadtest.report import usable_cores
+
+    placed_threads, placed_replicas = ceiling_placement(config, usable_cores())
+    threads = threads or placed_threads
+    replicas = replicas or placed_replicas
+    rows = measure_ceiling(model_file, sizes, [threads], seconds=seconds, replicas=[replicas], repeats=repeats)
+    return rows, {
+        "model_file": str(model_file),
+        "threads": threads,
+        "replicas": replicas,
+        "seconds": seconds,
+        "repeats": repeats,
+    }
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -177,39 +259,42 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _ints(text: str) -> list[int]:
-    values = [int(t) for t in text.split(",") if t.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
-    return values
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tensorwire.loadtest.ceiling",
         description="In-process ONNX Runtime throughput and latency: the ceiling a server can approach.",
+        formatter_class=DefaultsOnceFormatter,
     )
-    parser.add_argument("--model", type=Path, required=True, action="append",
-                        help="path to a model.onnx (repeat for several models)")
-    parser.add_argument("--batch-sizes", type=_ints, default=[1, 2, 4, 8, 16, 32, 64])
-    parser.add_argument("--threads", type=_ints, default=[1, 2], help="intra-op thread counts to try")
-    parser.add_argument("--replicas", type=_ints, default=[1], help="concurrent sessions to try (default 1)")
+    parser.add_argument(
+        "--model", type=Path, required=True, action="append", help="path to a model.onnx (repeat for several models)"
+    )
+    parser.add_argument("--batch-sizes", type=positive_ints, default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--threads", type=positive_ints, default=[1, 2], help="intra-op thread counts to try")
+    parser.add_argument("--replicas", type=positive_ints, default=[1], help="concurrent sessions to try (default 1)")
     parser.add_argument("--seconds", type=float, default=1.0, help="length of one measurement window")
     parser.add_argument("--repeats", type=int, default=3, help="windows per point; the median is reported")
-    parser.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
-                        help="also write the rows as JSON to FILE (or stdout with no FILE)")
+    parser.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        default=None,
+        metavar="FILE",
+        help="also write the rows as JSON to FILE (or stdout with no FILE)",
+    )
     args = parser.parse_args(argv)
 
-    busy = _load()
-    if busy > (os.cpu_count() or 1) * 0.5:
-        print(f"warning: load average {busy:.1f} on {os.cpu_count()} cores before measuring: other processes "
-              "compete for the CPU and the numbers will be low and noisy", file=sys.stderr)
+    busy = _stats.load_average()
+    if busy is not None and busy > (os.cpu_count() or 1) * 0.5:
+        print(
+            f"warning: load average {busy:.1f} on {os.cpu_count()} cores before measuring: other processes "
+            "compete for the CPU and the numbers will be low and noisy",
+            file=sys.stderr,
+        )
     rows = []
     for model in args.model:
         if not model.exists():
             parser.error(f"no such model file: {model}")
-        rows += measure_ceiling(model, args.batch_sizes, args.threads, args.seconds, args.replicas,
-                                args.repeats)
+        rows += measure_ceiling(model, args.batch_sizes, args.threads, args.seconds, args.replicas, args.repeats)
     if args.json == "-":
         print(json.dumps(rows, indent=2))
     else:

@@ -23,9 +23,7 @@ def _pyplot():
         matplotlib.use("Agg")  # files only, never a window
         import matplotlib.pyplot as plt
     except ImportError as err:
-        raise PlotUnavailable(
-            "plots need matplotlib: pip install 'tensorwire[loadtest]' (or matplotlib)"
-        ) from err
+        raise PlotUnavailable("plots need matplotlib: pip install 'tensorwire[loadtest]' (or matplotlib)") from err
     return plt
 
 
@@ -55,19 +53,29 @@ def plot_levels(rows: Sequence[dict[str, Any]], path: str | Path, title: str | N
         # A ceiling far above what was served (identity: millions/s) would flatten every other line.
         show_ceiling = bool(ceilings) and max(ceilings) <= 5 * served
         if ceilings and not show_ceiling:
-            ax.text(0.98, 0.02, f"ceiling off the chart (≥ {min(ceilings):,.0f}/s)", transform=ax.transAxes,
-                    ha="right", va="bottom", fontsize=7, alpha=0.7)
+            ax.text(
+                0.98,
+                0.02,
+                f"ceiling off the chart (≥ {min(ceilings):,.0f}/s)",
+                transform=ax.transAxes,
+                ha="right",
+                va="bottom",
+                fontsize=7,
+                alpha=0.7,
+            )
         for i, name in enumerate(series):
             pts = sorted((r for r in mine if _series_key(r) == name), key=lambda r: r["concurrency"])
             xs = [r["concurrency"] for r in pts]
             color = colors[i % len(colors)]
-            ax.plot(xs, [r.get("throughput_samples_per_s") or 0 for r in pts], "o-", color=color,
-                    label=f"{name} throughput")
+            ax.plot(
+                xs, [r.get("throughput_samples_per_s") or 0 for r in pts], "o-", color=color, label=f"{name} throughput"
+            )
             p99 = [(x, r["latency_p99_ms"]) for x, r in zip(xs, pts, strict=True) if r.get("latency_p99_ms")]
             if p99:
                 ax2.plot(*zip(*p99, strict=True), "s--", color=color, alpha=0.7, label=f"{name} p99")
-            ceiling = [(x, r["ceiling_samples_per_s"]) for x, r in zip(xs, pts, strict=True)
-                       if r.get("ceiling_samples_per_s")]
+            ceiling = [
+                (x, r["ceiling_samples_per_s"]) for x, r in zip(xs, pts, strict=True) if r.get("ceiling_samples_per_s")
+            ]
             if ceiling and show_ceiling:
                 ax.plot(*zip(*ceiling, strict=True), ":", color=color, alpha=0.6, label=f"{name} ceiling")
         ax.set_xscale("log", base=2)

@@ -162,9 +162,8 @@ def build_wide_mlp(path: Path, seed: int = SEED, sizes: Sequence[int] = MLP_SIZE
         last = i == len(sizes) - 2
         weight = rng.standard_normal((fan_in, fan_out), dtype=np.float32)
         weight *= np.float32(np.sqrt((1.0 if last else 2.0) / fan_in))
-        bias = (rng.standard_normal(fan_out, dtype=np.float32) * np.float32(0.01))
-        initializers += [numpy_helper.from_array(weight, f"fc{i}.weight"),
-                         numpy_helper.from_array(bias, f"fc{i}.bias")]
+        bias = rng.standard_normal(fan_out, dtype=np.float32) * np.float32(0.01)
+        initializers += [numpy_helper.from_array(weight, f"fc{i}.weight"), numpy_helper.from_array(bias, f"fc{i}.bias")]
         gemm_out = "OUTPUT0" if last else f"fc{i}"
         nodes.append(helper.make_node("Gemm", [current, f"fc{i}.weight", f"fc{i}.bias"], [gemm_out]))
         if not last:
@@ -196,8 +195,7 @@ def make_cnn(seed: int = SEED, widths: Sequence[int] = CNN_WIDTHS, blocks: Seque
             self.bn2 = nn.BatchNorm2d(c_out)
             self.shortcut = nn.Identity()
             if stride != 1 or c_in != c_out:
-                self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                              nn.BatchNorm2d(c_out))
+                self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
 
         def forward(self, x):
             y = torch.relu(self.bn1(self.conv1(x)))
@@ -206,8 +204,9 @@ def make_cnn(seed: int = SEED, widths: Sequence[int] = CNN_WIDTHS, blocks: Seque
     class ResNetCNN(nn.Module):
         def __init__(self):
             super().__init__()
-            self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
-                                      nn.ReLU())
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+            )
             layers, c_in = [], widths[0]
             for stage, (width, count) in enumerate(zip(widths, blocks, strict=True)):
                 for b in range(count):
@@ -283,8 +282,14 @@ def build_cnn(path: Path, seed: int = SEED, check: bool = True) -> tuple[int, in
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             torch.onnx.export(
-                model, (example,), str(tmp), dynamo=True, external_data=False, verbose=False,
-                input_names=["INPUT0"], output_names=["OUTPUT0"],
+                model,
+                (example,),
+                str(tmp),
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+                input_names=["INPUT0"],
+                output_names=["OUTPUT0"],
                 dynamic_shapes={"x": {0: Dim("batch", min=1, max=MAX_BATCH)}},
             )
     finally:
@@ -326,11 +331,7 @@ def perf_input_data(model: str, samples: int = 8, seed: int = SEED) -> dict[str,
     """
     x = sample_inputs(model, samples, seed)
     dims = SHAPES[model][0]
-    return {
-        "data": [
-            {"INPUT0": {"content": np.round(row.ravel(), 4).tolist(), "shape": list(dims)}} for row in x
-        ]
-    }
+    return {"data": [{"INPUT0": {"content": np.round(row.ravel(), 4).tolist(), "shape": list(dims)}} for row in x]}
 
 
 def write_perf_inputs(model: str, path: Path, samples: int = 8, seed: int = SEED) -> Path:
@@ -342,15 +343,14 @@ def write_perf_inputs(model: str, path: Path, samples: int = 8, seed: int = SEED
 def load_perf_inputs(path: Path) -> np.ndarray:
     """The samples of a perf_analyzer input file, stacked as one FP32 batch."""
     data = json.loads(Path(path).read_text())["data"]
-    return np.stack(
-        [np.asarray(e["INPUT0"]["content"], dtype=np.float32).reshape(e["INPUT0"]["shape"]) for e in data]
-    )
+    return np.stack([np.asarray(e["INPUT0"]["content"], dtype=np.float32).reshape(e["INPUT0"]["shape"]) for e in data])
 
 
 # --------------------------------------------------------------------------- repository
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes a hard link to ``src`` (a copy where links cannot cross file systems)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists():
         dst.unlink()
@@ -395,7 +395,7 @@ def build_repository(
             name = model if variant == "batched" else model + NOBATCH_SUFFIX
             path = repo / name / "1" / "model.onnx"
             if path != source:
-                _link_or_copy(source, path)
+                link_or_copy(source, path)
             config = make_config(
                 model,
                 batching=variant == "batched",
@@ -433,18 +433,28 @@ def main(argv: list[str] | None = None) -> int:
         description="Build the benchmark reference models (identity, cnn, wide_mlp) into a model repository.",
     )
     parser.add_argument("--repo", type=Path, required=True, help="model repository folder to write into")
-    parser.add_argument("--models", default=",".join(MODELS),
-                        help=f"comma-separated subset of {','.join(MODELS)}")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
     parser.add_argument(
-        "--variants", default=",".join(VARIANTS),
+        "--variants",
+        default=",".join(VARIANTS),
         help="batched: dynamic batching on (the plain name); nobatch: '<name>_nobatch' with batching off",
     )
-    parser.add_argument("--inputs-dir", type=Path, default=None,
-                        help="where perf_analyzer input JSON files go (default: <repo>/../perf_inputs)")
+    parser.add_argument(
+        "--inputs-dir",
+        type=Path,
+        default=None,
+        help="where perf_analyzer input JSON files go (default: <repo>/../perf_inputs)",
+    )
     defaults = ", ".join(f"{m}={r}x{t}" for m, (r, t) in DEFAULT_INSTANCES.items())
-    parser.add_argument("--instances", action="append", default=[], metavar="MODEL=RxT", type=_instances,
-                        help=f"CPU replicas x intra-op threads for a model, e.g. cnn=1x2 (repeatable; "
-                             f"defaults: {defaults}; keep R x T <= cores)")
+    parser.add_argument(
+        "--instances",
+        action="append",
+        default=[],
+        metavar="MODEL=RxT",
+        type=_instances,
+        help=f"CPU replicas x intra-op threads for a model, e.g. cnn=1x2 (repeatable; "
+        f"defaults: {defaults}; keep R x T <= cores)",
+    )
     parser.add_argument("--max-queue-delay-us", type=int, default=100)
     parser.add_argument("--preferred-batch-sizes", default="", help="comma-separated, e.g. 16,32")
     parser.add_argument("--seed", type=int, default=SEED)
@@ -453,10 +463,14 @@ def main(argv: list[str] | None = None) -> int:
     split = lambda text: [t.strip() for t in text.split(",") if t.strip()]  # noqa: E731
     try:
         built = build_repository(
-            args.repo, split(args.models), split(args.variants), args.inputs_dir,
+            args.repo,
+            split(args.models),
+            split(args.variants),
+            args.inputs_dir,
             instances=dict(args.instances),
             max_queue_delay_us=args.max_queue_delay_us,
-            preferred_batch_sizes=[int(p) for p in split(args.preferred_batch_sizes)], seed=args.seed,
+            preferred_batch_sizes=[int(p) for p in split(args.preferred_batch_sizes)],
+            seed=args.seed,
         )
     except ValueError as err:
         parser.error(str(err))

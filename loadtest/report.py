@@ -46,9 +46,7 @@ def visible_columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]
     return [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
 
 
-def markdown_table(
-    rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]] | None = None
-) -> str:
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]] | None = None) -> str:
     columns = list(columns or visible_columns(rows))
 
     def first_value(key: str) -> Any:
@@ -149,6 +147,4 @@ def machine() -> dict[str, Any]:
 def machine_markdown(info: dict[str, Any]) -> str:
     packages = ", ".join(f"{k} {v}" for k, v in info["packages"].items() if v)
     mem = f", {info['memory_gib']:.0f} GiB RAM" if info.get("memory_gib") else ""
-    return (
-        f"{info['cpu']}, {info['cores']} usable cores{mem}; {info['os']}; Python {info['python']}; {packages}"
-    )
+    return f"{info['cpu']}, {info['cores']} usable cores{mem}; {info['os']}; Python {info['python']}; {packages}"

@@ -15,49 +15,39 @@ Two measurements against one running server, printed as one markdown table:
    stream with that many requests in flight; then the same pair with the asyncio
    client. Target: stream / unary >= 1.5 for small requests.
 
-The input is built from the model's metadata (variable dimensions as 1).
+The input is built from the model's metadata (variable dimensions as 1), as every load generator here
+builds it. CPU: this process, and with ``--server-pid`` the server's process tree (psutil).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 
 from tensorwire.client import AsyncInferenceClient, InferenceClient
+from tensorwire.loadtest import _stats
+from tensorwire.loadtest._cli import DefaultsOnceFormatter
+from tensorwire.loadtest._inputs import request_inputs
 from tensorwire.proto import codec
 from tensorwire.proto import inference_pb2 as pb
 from tensorwire.proto.service import METHODS
-
-
-def sample_inputs(metadata: pb.ModelMetadataResponse) -> dict[str, np.ndarray]:
-    """One sample for every input of the model: ones (or b"x"), variable dimensions as 1."""
-    inputs: dict[str, np.ndarray] = {}
-    for tensor in metadata.inputs:
-        shape = [dim if dim > 0 else 1 for dim in tensor.shape]
-        if tensor.datatype == "BYTES":
-            inputs[tensor.name] = np.full(shape, b"x", dtype=object)
-        elif tensor.datatype == "BF16":
-            raise SystemExit("pick a model without BF16 inputs: the raw stub has no bfloat16 numpy dtype")
-        else:
-            inputs[tensor.name] = np.ones(shape, dtype=codec.NUMPY_DTYPES[tensor.datatype])
-    return inputs
 
 
 def raw_caller(channel: grpc.Channel, model: str, inputs: dict[str, np.ndarray]) -> Callable[[], object]:
     """The baseline: the raw stub, a request built per call, outputs as np.frombuffer views."""
     method = METHODS["ModelInfer"]
     stub = channel.unary_unary(
-        method.path, request_serializer=method.request.SerializeToString,
+        method.path,
+        request_serializer=method.request.SerializeToString,
         response_deserializer=method.response.FromString,
     )
     items = [(name, codec.datatype_of(array), array) for name, array in inputs.items()]
@@ -89,9 +79,7 @@ def per_call_seconds(call: Callable[[], object], calls: int) -> float:
     return (time.perf_counter() - started) / calls
 
 
-def overhead(
-    address: str, model: str, inputs: dict[str, np.ndarray], calls: int, rounds: int
-) -> dict[str, float]:
+def overhead(address: str, model: str, inputs: dict[str, np.ndarray], calls: int, rounds: int) -> dict[str, float]:
     options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
     with grpc.insecure_channel(address, options=options) as channel, InferenceClient(address) as client:
         raw = raw_caller(channel, model, inputs)
@@ -121,8 +109,15 @@ def overhead(
 
 
 def client_cpu(model: str, inputs: dict[str, np.ndarray], repeat: int = 20000) -> dict[str, float]:
-    """Python time per call without the network: request out and response in, SDK vs raw."""
-    from tensorwire.client._convert import build_request, parse_response
+    """Python time per call without the network: request out and response in, SDK vs raw (µs per call).
+
+    Empty when the model has BYTES inputs, or when the SDK's request builder is not where it was
+    (it is the SDK's private module; the row is then left out rather than the whole measurement).
+    """
+    try:
+        from tensorwire.client._convert import build_request, parse_response
+    except ImportError:
+        return {}
 
     response = pb.ModelInferResponse(model_name=model)
     for name, array in inputs.items():
@@ -136,8 +131,10 @@ def client_cpu(model: str, inputs: dict[str, np.ndarray], repeat: int = 20000) -
         for name, datatype, array in items:
             request.inputs.add(name=name, datatype=datatype, shape=array.shape)
             request.raw_input_contents.append(array.tobytes())
-        return {t.name: np.frombuffer(r, codec.NUMPY_DTYPES[t.datatype]).reshape(t.shape)
-                for t, r in zip(response.outputs, response.raw_output_contents, strict=True)}
+        return {
+            t.name: np.frombuffer(r, codec.NUMPY_DTYPES[t.datatype]).reshape(t.shape)
+            for t, r in zip(response.outputs, response.raw_output_contents, strict=True)
+        }
 
     def sdk() -> object:
         build_request(model, inputs)
@@ -157,17 +154,6 @@ def client_cpu(model: str, inputs: dict[str, np.ndarray], repeat: int = 20000) -
     return best
 
 
-def _process_seconds(pid: int | None) -> float:
-    """CPU seconds (user + system) used so far by process ``pid`` (Linux /proc); 0 without one."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class Meter:
     """One timed run: requests per second, and client/server CPU microseconds per request."""
 
@@ -177,14 +163,17 @@ class Meter:
         self.client_us: list[float] = []
         self.server_us: list[float] = []
 
+    def _server_cpu_s(self) -> float:
+        return (_stats.process_tree_cpu_s(self.server_pid) or 0.0) if self.server_pid else 0.0
+
     def start(self) -> None:
-        self._wall, self._cpu = time.perf_counter(), time.process_time()
-        self._server = _process_seconds(self.server_pid)
+        self._wall, self._cpu = time.perf_counter(), _stats.own_cpu_s()
+        self._server = self._server_cpu_s()
 
     def stop(self, requests: int) -> None:
         self.rates.append(requests / (time.perf_counter() - self._wall))
-        self.client_us.append((time.process_time() - self._cpu) / requests * 1e6)
-        self.server_us.append((_process_seconds(self.server_pid) - self._server) / requests * 1e6)
+        self.client_us.append((_stats.own_cpu_s() - self._cpu) / requests * 1e6)
+        self.server_us.append((self._server_cpu_s() - self._server) / requests * 1e6)
 
 
 def _paired(unary: Meter, stream: Meter) -> dict[str, float]:
@@ -200,8 +189,15 @@ def _paired(unary: Meter, stream: Meter) -> dict[str, float]:
     }
 
 
-def sync_throughput(address: str, model: str, inputs: dict[str, np.ndarray], requests: int,
-                    concurrency: int, rounds: int, server_pid: int | None) -> dict[str, float]:
+def sync_throughput(
+    address: str,
+    model: str,
+    inputs: dict[str, np.ndarray],
+    requests: int,
+    concurrency: int,
+    rounds: int,
+    server_pid: int | None,
+) -> dict[str, float]:
     """``concurrency`` threads calling ``infer`` vs one stream with that many in flight, in rounds."""
     per_thread = max(1, requests // concurrency)
     total = per_thread * concurrency
@@ -238,8 +234,15 @@ def sync_throughput(address: str, model: str, inputs: dict[str, np.ndarray], req
     return _paired(unary_meter, stream_meter)
 
 
-async def _async_throughput(address: str, model: str, inputs: dict[str, np.ndarray], requests: int,
-                            concurrency: int, rounds: int, server_pid: int | None) -> dict[str, float]:
+async def _async_throughput(
+    address: str,
+    model: str,
+    inputs: dict[str, np.ndarray],
+    requests: int,
+    concurrency: int,
+    rounds: int,
+    server_pid: int | None,
+) -> dict[str, float]:
     per_task = max(1, requests // concurrency)
     total = per_task * concurrency
     unary_meter, stream_meter = Meter(server_pid), Meter(server_pid)
@@ -272,9 +275,96 @@ async def _async_throughput(address: str, model: str, inputs: dict[str, np.ndarr
     return _paired(unary_meter, stream_meter)
 
 
+def measure(
+    address: str,
+    model: str = "identity",
+    *,
+    calls: int = 200,
+    rounds: int = 31,
+    concurrency: int = 16,
+    requests: int = 2000,
+    throughput_rounds: int = 7,
+    server_pid: int | None = None,
+) -> dict[str, Any]:
+    """Both measurements against a running server (see the module docstring); the numbers as a dict.
+
+    Raises the SDK's InferenceServerError when the server or the model is not there.
+    """
+    with InferenceClient(address, timeout=30) as client:
+        client.wait_until_ready(model, timeout=60)
+        inputs, _, _ = request_inputs(client, model)
+    shapes = ", ".join(f"{name} {codec.datatype_of(a)}{list(a.shape)}" for name, a in inputs.items())
+    return {
+        "address": address,
+        "model": model,
+        "inputs": shapes,
+        "calls": calls,
+        "rounds": rounds,
+        "concurrency": concurrency,
+        "requests": requests,
+        "throughput_rounds": throughput_rounds,
+        "server_cpu": server_pid is not None,
+        "client_cpu": client_cpu(model, inputs),
+        "overhead": overhead(address, model, inputs, calls, rounds),
+        "sync": sync_throughput(address, model, inputs, requests, concurrency, throughput_rounds, server_pid),
+        "asyncio": asyncio.run(
+            _async_throughput(address, model, inputs, requests, concurrency, throughput_rounds, server_pid)
+        ),
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    """The numbers of :func:`measure` as a sentence and a markdown table, with the targets checked."""
+    c, cpu, cost, sync, aio = (result[k] for k in ("concurrency", "client_cpu", "overhead", "sync", "asyncio"))
+
+    def cpu_text(numbers: dict[str, float], kind: str) -> str:
+        text = f"client {numbers[kind + '_client_us']:.0f} µs/req"
+        if result["server_cpu"]:
+            text += f", server {numbers[kind + '_server_us']:.0f} µs/req"
+        return text
+
+    verdict = {True: "yes", False: "**no**"}
+    rows = []
+    if cpu:
+        rows.append(
+            ("client Python time per call, no network: raw → SDK", f"{cpu['raw']:.1f} → {cpu['sdk']:.1f} µs", "")
+        )
+    rows += [
+        ("raw stub, sequential, per call", f"{cost['raw_us']:.1f} µs", ""),
+        ("SDK `infer`, sequential, per call", f"{cost['sdk_us']:.1f} µs", ""),
+        ("SDK / raw (median of paired rounds)", f"{cost['ratio']:.3f}", f"≤ 1.10: {verdict[cost['ratio'] <= 1.10]}"),
+        (f"sync unary, {c} threads", f"{sync['unary']:.0f} req/s", cpu_text(sync, "unary")),
+        (f"sync stream, {c} in flight", f"{sync['stream']:.0f} req/s", cpu_text(sync, "stream")),
+        (
+            "sync stream / unary (median of paired rounds)",
+            f"{sync['ratio']:.2f}×",
+            f"≥ 1.5: {verdict[sync['ratio'] >= 1.5]}",
+        ),
+        (f"asyncio unary, {c} tasks", f"{aio['unary']:.0f} req/s", cpu_text(aio, "unary")),
+        (f"asyncio stream, {c} in flight", f"{aio['stream']:.0f} req/s", cpu_text(aio, "stream")),
+        (
+            "asyncio stream / unary (median of paired rounds)",
+            f"{aio['ratio']:.2f}×",
+            f"≥ 1.5: {verdict[aio['ratio'] >= 1.5]}",
+        ),
+    ]
+    lines = [
+        f"SDK overhead and streaming: model `{result['model']}` ({result['inputs']}); overhead: "
+        f"{result['rounds']} rounds × {result['calls']} calls; throughput: {result['throughput_rounds']} rounds × "
+        f"{result['requests']} requests, concurrency {c}",
+        "",
+        "| measurement | value | target / CPU per request |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {name} | {value} | {target} |" for name, value, target in rows]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tensorwire.loadtest.sdk_overhead", description=__doc__.split("\n")[0]
+        prog="python -m tensorwire.loadtest.sdk_overhead",
+        description=__doc__.split("\n")[0],
+        formatter_class=DefaultsOnceFormatter,
     )
     parser.add_argument("--address", default="127.0.0.1:8001", help="server host:port")
     parser.add_argument("--model", default="identity", help="model to call (small inputs are the point)")
@@ -283,57 +373,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16, help="threads/tasks, in-flight requests")
     parser.add_argument("--requests", type=int, default=2000, help="requests per throughput round")
     parser.add_argument("--throughput-rounds", type=int, default=7, help="alternating unary/stream rounds")
-    parser.add_argument("--server-pid", type=int,
-                        help="the server's process id, to report its CPU time per request (Linux)")
+    parser.add_argument("--server-pid", type=int, help="the server's process id, to report its CPU time per request")
     args = parser.parse_args(argv)
-
-    with InferenceClient(args.address, timeout=30) as client:
-        client.wait_until_ready(args.model, timeout=60)
-        metadata = client.model_metadata(args.model)
-    inputs = sample_inputs(metadata)
-    shapes = ", ".join(f"{name} {codec.datatype_of(a)}{list(a.shape)}" for name, a in inputs.items())
-
-    cpu = client_cpu(args.model, inputs)
-    cost = overhead(args.address, args.model, inputs, args.calls, args.rounds)
-    sync = sync_throughput(args.address, args.model, inputs, args.requests, args.concurrency,
-                           args.throughput_rounds, args.server_pid)
-    aio = asyncio.run(_async_throughput(args.address, args.model, inputs, args.requests, args.concurrency,
-                                        args.throughput_rounds, args.server_pid))
-
-    c = args.concurrency
-
-    def cpu_text(result: dict[str, float], kind: str) -> str:
-        text = f"client {result[kind + '_client_us']:.0f} µs/req"
-        if args.server_pid:
-            text += f", server {result[kind + '_server_us']:.0f} µs/req"
-        return text
-
-    verdict = {True: "yes", False: "**no**"}
-    rows = []
-    if cpu:
-        rows.append(("client Python time per call, no network: raw → SDK",
-                     f"{cpu['raw']:.1f} → {cpu['sdk']:.1f} µs", ""))
-    rows += [
-        ("raw stub, sequential, per call", f"{cost['raw_us']:.1f} µs", ""),
-        ("SDK `infer`, sequential, per call", f"{cost['sdk_us']:.1f} µs", ""),
-        ("SDK / raw (median of paired rounds)", f"{cost['ratio']:.3f}",
-         f"≤ 1.10: {verdict[cost['ratio'] <= 1.10]}"),
-        (f"sync unary, {c} threads", f"{sync['unary']:.0f} req/s", cpu_text(sync, "unary")),
-        (f"sync stream, {c} in flight", f"{sync['stream']:.0f} req/s", cpu_text(sync, "stream")),
-        ("sync stream / unary (median of paired rounds)", f"{sync['ratio']:.2f}×",
-         f"≥ 1.5: {verdict[sync['ratio'] >= 1.5]}"),
-        (f"asyncio unary, {c} tasks", f"{aio['unary']:.0f} req/s", cpu_text(aio, "unary")),
-        (f"asyncio stream, {c} in flight", f"{aio['stream']:.0f} req/s", cpu_text(aio, "stream")),
-        ("asyncio stream / unary (median of paired rounds)", f"{aio['ratio']:.2f}×",
-         f"≥ 1.5: {verdict[aio['ratio'] >= 1.5]}"),
-    ]
-    print(f"SDK overhead and streaming: model `{args.model}` ({shapes}) at {args.address}; "
-          f"overhead: {args.rounds} rounds × {args.calls} calls; throughput: "
-          f"{args.throughput_rounds} rounds × {args.requests} requests, concurrency {args.concurrency}\n")
-    print("| measurement | value | target / CPU per request |")
-    print("|---|---|---|")
-    for name, value, target in rows:
-        print(f"| {name} | {value} | {target} |")
+    result = measure(
+        args.address,
+        args.model,
+        calls=args.calls,
+        rounds=args.rounds,
+        concurrency=args.concurrency,
+        requests=args.requests,
+        throughput_rounds=args.throughput_rounds,
+        server_pid=args.server_pid,
+    )
+    print(render(result))
     return 0
 
 
