@@ -3,7 +3,7 @@
 Layout::
 
     <repo>/<model>/config.toml
-    <repo>/<model>/<version>/model.onnx | model.pt
+    <repo>/<model>/<version>/model.onnx | model.pt | model.pt2
 
 ``config.toml`` is validated here with pydantic; every error names the file,
 the field and what is allowed, so a user can fix it without reading code.
@@ -32,8 +32,20 @@ from pydantic import (
 from tensorwire.proto.codec import DATATYPES
 
 CONFIG_FILE = "config.toml"
-DEFAULT_FILENAMES = {"onnxruntime": "model.onnx", "torchscript": "model.pt", "python": "model.py"}
-PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "torchscript": "pytorch_libtorch", "python": "python"}
+DEFAULT_FILENAMES = {
+    "onnxruntime": "model.onnx",
+    "torchscript": "model.pt",
+    "torch_export": "model.pt2",
+    "aotinductor": "model.pt2",
+    "python": "model.py",
+}
+PLATFORMS = {
+    "onnxruntime": "onnxruntime_onnx",
+    "torchscript": "pytorch_libtorch",
+    "torch_export": "pytorch_torch_export",
+    "aotinductor": "pytorch_aotinductor",
+    "python": "python",
+}
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # used with fullmatch
 VERSION_FOLDER = re.compile(r"[1-9][0-9]*")  # ASCII digits, no leading zero: the folder is str(version)
 
@@ -140,7 +152,7 @@ class InstanceGroup(_Strict):
 class ModelConfigFile(_Strict):
     """The validated contents of one model's ``config.toml``."""
 
-    backend: Literal["onnxruntime", "torchscript", "python"]
+    backend: Literal["onnxruntime", "torchscript", "torch_export", "aotinductor", "python"]
     max_batch_size: Annotated[int, Field(ge=0, le=1_000_000)] = 0
     version_policy: VersionPolicy = VersionPolicy(latest=1)
     inputs: list[TensorSpec] | None = None

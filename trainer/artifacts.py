@@ -62,6 +62,7 @@ def predict_onnx(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
 
 
 def predict_torch(model, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Logits of a torch callable (module, loaded program or package) for all of ``x`` in batches."""
     import torch
 
     with torch.no_grad():

@@ -209,6 +209,8 @@ def model_spec(config: dict[str, Any], splits: Splits) -> dict[str, Any]:
         "standardize": bool(config["standardize"]),
         "dataset": splits.name,
     }
+    if splits.label_names:
+        spec["label_names"] = list(splits.label_names)
     if config.get("structure"):
         spec["structure"] = config["structure"]
     return spec
