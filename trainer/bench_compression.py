@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import io
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -108,9 +109,18 @@ class Variant:
 
 @contextlib.contextmanager
 def _quiet():
-    """The steps print progress; the benchmark prints the table."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
+    """The steps print progress (DDP workers straight to file descriptor 1); the benchmark's stdout
+    carries only the table, so both go to stderr meanwhile."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _fit(run: Path, settings: dict[str, Any], nproc: int) -> None:
@@ -145,14 +155,16 @@ def build_variants(family: Family, work: Path, quick: bool, nproc: int, aoti: bo
     parent, pruned, student = (RunFolder.at(work / f"{family.key}-{n}") for n in ("parent", "pruned", "student"))
     _fit(parent.root, family.fit, nproc)
     formats = ["onnx", "pt2"] + (["aoti"] if aoti else [])
-    parent_report = _export_quantize(parent.root, formats, int8=True)
+    with _quiet():
+        parent_report = _export_quantize(parent.root, formats, int8=True)
     with _quiet():
         prune(
             PruneOptions(
                 source=str(parent.root), run=str(pruned.root), nproc_per_node=nproc, progress=False, **family.prune
             )
         )
-    pruned_report = _export_quantize(pruned.root, ["onnx"], int8=True)
+    with _quiet():
+        pruned_report = _export_quantize(pruned.root, ["onnx"], int8=True)
     student_settings = {k: v for k, v in family.fit.items() if k not in ("model", "model_args", "epochs")}
     student_settings.update(family.student)
     fit_opts = FitOptions(run=str(student.root), nproc_per_node=nproc, progress=False, patience=0, overwrite=True)
@@ -160,7 +172,8 @@ def build_variants(family: Family, work: Path, quick: bool, nproc: int, aoti: bo
         setattr(fit_opts, key, value)
     with _quiet():
         distill(fit_opts, set(student_settings), DistillOptions(teacher=str(parent.root)))
-    student_report = _export_quantize(student.root, ["onnx"], int8=False)
+    with _quiet():
+        student_report = _export_quantize(student.root, ["onnx"], int8=False)
 
     def params(run: RunFolder) -> int:
         return count_parameters(load_trained(run.best)[0])
@@ -208,7 +221,6 @@ def _runner(variant: Variant, threads: int) -> Callable[[np.ndarray], Any]:
     module = load_pt2(variant.file) if variant.fmt == "pt2" else load_aoti(variant.file)
 
     def run(x: np.ndarray) -> Any:
-        torch.set_num_threads(threads)
         with torch.inference_mode():
             return module(torch.from_numpy(x))
 
@@ -227,6 +239,7 @@ def measure_in_process(variants: Sequence[Variant], test_x: np.ndarray, seconds:
     saved = torch.get_num_threads()
     try:
         for threads in (1, 2):
+            torch.set_num_threads(threads)  # the torch variants' intra-op pool (process-wide)
             runners = {v.label: _runner(v, threads) for v in variants}
             for batch in (1, 64):
                 x = _batch(test_x, batch)
