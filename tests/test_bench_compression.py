@@ -29,7 +29,7 @@ def test_quick_run_builds_every_variant_and_writes_one_section(tmp_path):
     ]
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert len(cells) == 16
+        assert len(cells) == 17
         assert all(re.fullmatch(r"[\d,.]+( MB| kB|x|%)?", cell) for cell in cells[1:]), row
     params = {label: int(row.split("|")[2].replace(",", "")) for label, row in zip(labels, rows, strict=True)}
     assert params["pruned"] < params["FP32 (ONNX)"] and params["distilled student"] < params["FP32 (ONNX)"]

@@ -4,8 +4,9 @@
   and feed-forward units with the ``torch-pruning`` library (its dependency graph keeps residual
   additions, batch norms and the layers that consume a pruned layer consistent). The layers
   really shrink, so dense kernels do less work. The classifier's output layer is never pruned.
-  Channel importance is the group's L2 (or L1) weight norm. For the Transformer, torch-pruning
-  1.6 removes feed-forward units; it leaves ``nn.MultiheadAttention``'s heads and the model width.
+  Channel importance is the group's L2 (or L1) weight norm. For Transformers, torch-pruning 1.6
+  removes feed-forward units and (token Transformer) model width, narrowing every head; it does
+  not remove whole ``nn.MultiheadAttention`` heads.
 * ``unstructured``: global magnitude pruning of weight matrices and kernels with
   ``torch.nn.utils.prune``: the smallest weights become exact zeros and stay zero while
   fine-tuning. On dense CPU kernels this changes neither size nor speed, only the number of
@@ -21,6 +22,7 @@ in its ``model_spec``) that ``export``, ``quantize`` and ``publish`` take unchan
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,18 @@ def _classifier_layers(model, num_classes: int) -> list:
     return [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
 
 
+def _round_to(model, requested: int) -> int | None:
+    """Channel-count multiple: ``requested``, made a multiple of every attention layer's head count
+    (pruning an attention layer's width must leave each head a whole number of features)."""
+    from torch import nn
+
+    step = max(1, requested)
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            step = math.lcm(step, module.num_heads)
+    return step if step > 1 else None
+
+
 def _pruner(model, example, opts: PruneOptions, num_classes: int):
     import torch_pruning as tp
 
@@ -75,7 +89,7 @@ def _pruner(model, example, opts: PruneOptions, num_classes: int):
         pruning_ratio=MAX_CHANNEL_RATIO,
         iterative_steps=PRUNER_STEPS,
         ignored_layers=_classifier_layers(model, num_classes),
-        round_to=opts.round_to if opts.round_to > 1 else None,
+        round_to=_round_to(model, opts.round_to),
     )
 
 
