@@ -282,13 +282,14 @@ async def _closed_loop(address: str, model: str, inputs: list[np.ndarray], concu
     return latencies, seconds - min(1.0, seconds / 3)
 
 
-def _statistics(address: str, model: str) -> tuple[int, int, int, int]:
+def _statistics(address: str, model: str) -> tuple[int, int, int]:
+    """(inferences, executions, model time in ns). Model time sums the per-batch-size statistics:
+    the per-request ``compute_infer`` counts a batch's time once for every request in it (Triton's rule)."""
     from tensorwire.client import InferenceClient
 
     with InferenceClient(address) as client:
         item = client.model_statistics(model).model_stats[0]
-    stats = item.inference_stats
-    return item.inference_count, item.execution_count, stats.success.ns, stats.compute_infer.ns
+    return item.inference_count, item.execution_count, sum(b.compute_infer.ns for b in item.batch_stats)
 
 
 def measure_served(variants: Sequence[Variant], family: str, test_x: np.ndarray, work: Path, seconds: float) -> None:
@@ -314,7 +315,7 @@ def measure_served(variants: Sequence[Variant], family: str, test_x: np.ndarray,
                 after = _statistics(address, name)
                 variant.numbers[f"served_c{concurrency}"] = len(latencies) / window
                 variant.numbers[f"p99_ms_c{concurrency}"] = float(np.percentile(latencies, 99) * 1000)
-                inferences, executions, _success_ns, compute_ns = (a - b for a, b in zip(after, before, strict=True))
+                inferences, executions, compute_ns = (a - b for a, b in zip(after, before, strict=True))
                 variant.numbers[f"batch_c{concurrency}"] = inferences / max(executions, 1)
                 # Model time per sample over served wall time per sample: the share of the serving cost
                 # that a faster model (INT8, pruning) can remove at all.
