@@ -194,7 +194,7 @@ def _train(config: dict, flags: dict, source: str) -> None:
             raise TrainerError(str(err)) from None
     if _fit(config, flags, source).get("on_other_node"):
         return  # export, quantize and publish happen where rank 0 wrote the checkpoints
-    _export(config, flags, source, formats=["onnx"] + (["torchscript"] if "torchscript" in formats else []))
+    _export(config, flags, source, formats=["onnx"] + [f for f in ("torchscript", "pt2", "aoti") if f in formats])
     if "int8" in formats:
         _quantize(config, flags, source)
     # INT8 last: if it is refused for lost accuracy, the others are already published.

@@ -182,9 +182,9 @@ class TrainOptions:
 
     publish_formats: list[str] = opt(
         ["onnx", "int8", "torchscript"],
-        "artifacts to publish (names get _int8, _ts)",
+        "artifacts to publish (names get _int8, _ts, _pt2, _aoti)",
         kind="strs",
-        metavar="onnx,int8,torchscript",
+        metavar="onnx,int8,torchscript,pt2,aoti",
     )
 
 
