@@ -28,8 +28,7 @@ FAST_STOP = ("--drain-seconds", "0")
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A digits MLP exported as .pt2 and (where a C++ compiler exists) AOTInductor, both served (an MLP:
-    AOTInductor compiles its few kernels in seconds rather than a minute)."""
+    """A small digits MLP exported as .pt2 and (where a C++ compiler exists) AOTInductor, both served."""
     root = tmp_path_factory.mktemp("pt2")
     run = quick_run(root / "run", "digits", "mlp", model_args={"hidden": [32, 32]})
     formats = ["pt2"] + (["aoti"] if cxx_compiler() else [])
