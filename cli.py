@@ -18,7 +18,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "serve a model repository over gRPC (Open Inference Protocol)",
     ),
     "fit": ("tensorwire.trainer.cli", "fit", "train a model with PyTorch DDP (torchrun-style launch)"),
-    "export": ("tensorwire.trainer.cli", "export", "export a checkpoint to TorchScript and ONNX, verified"),
+    "export": (
+        "tensorwire.trainer.cli",
+        "export",
+        "export a checkpoint to ONNX, TorchScript, torch.export (.pt2) or AOTInductor, verified",
+    ),
     "quantize": (
         "tensorwire.trainer.cli",
         "quantize",
@@ -26,6 +30,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "publish": ("tensorwire.trainer.cli", "publish", "write a servable version into a model repository"),
     "train": ("tensorwire.trainer.cli", "train", "fit, export, quantize and publish in one go"),
+    "prune": ("tensorwire.trainer.cli", "prune", "prune a run (structured or unstructured) with DDP fine-tuning"),
+    "distill": ("tensorwire.trainer.cli", "distill", "train a smaller student on a teacher run's soft targets (DDP)"),
     "infer": ("tensorwire.client.cli", "infer", "send an inference request from .npy/.npz/JSON files"),
     "health": ("tensorwire.client.cli", "health", "check server and model liveness/readiness"),
     "metadata": ("tensorwire.client.cli", "metadata", "show server or model metadata and config"),

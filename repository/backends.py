@@ -11,6 +11,8 @@ This module imports no model runtime: it only names files.
 
 from __future__ import annotations
 
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,8 @@ class BackendFormat:
     where Triton has one, so its tools recognise the model); ``triton_platforms``/``triton_backends``
     the values of ``platform``/``backend`` in a Triton ``config.pbtxt`` that mean this backend (Triton's
     backend documentation lists them: ``onnxruntime_onnx``/``onnxruntime``, ``pytorch_libtorch``/``pytorch``).
+    ``probe`` tells this backend's files from another backend's with the same file name (``model.pt2`` is
+    a torch.export program or an AOTInductor package); None when the file name alone decides.
     """
 
     name: str
@@ -31,11 +35,26 @@ class BackendFormat:
     platform: str
     triton_platforms: tuple[str, ...] = ()
     triton_backends: tuple[str, ...] = ()
+    probe: Callable[[Path], bool] | None = None
+
+    def serves(self, path: Path) -> bool:
+        """Whether ``path`` (an existing file named like this backend's) is this backend's kind of file."""
+        return self.probe is None or self.probe(path)
 
     @property
     def suffix(self) -> str:
         """The file extension (with its dot) that marks this backend's files, e.g. ``.onnx``."""
         return Path(self.filename).suffix
+
+
+def _is_aoti_package(path: Path) -> bool:
+    """An AOTInductor package (``torch._inductor.aoti_compile_and_package``) is a ``.pt2`` zip archive
+    holding compiled code under ``<archive>/data/aotinductor/``; a ``torch.export.save`` program has none."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/data/aotinductor/" in name for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 #: backend name -> format, in the order used to describe them in messages.
@@ -44,6 +63,9 @@ BACKENDS: dict[str, BackendFormat] = {
     for fmt in (
         BackendFormat("onnxruntime", "model.onnx", "onnxruntime_onnx", ("onnxruntime_onnx",), ("onnxruntime",)),
         BackendFormat("torchscript", "model.pt", "pytorch_libtorch", ("pytorch_libtorch",), ("pytorch",)),
+        # Both .pt2 kinds have the same file name; the archive's contents tell them apart.
+        BackendFormat("torch_export", "model.pt2", "pytorch_torch_export", probe=lambda p: not _is_aoti_package(p)),
+        BackendFormat("aotinductor", "model.pt2", "pytorch_aotinductor", probe=_is_aoti_package),
         # Our Python backend (``class Model`` with ``execute(dict) -> dict``) is not Triton's Python
         # backend (``TritonPythonModel``), so no Triton name maps to it.
         BackendFormat("python", "model.py", "python"),
@@ -70,13 +92,14 @@ def platforms() -> dict[str, str]:
     return {name: fmt.platform for name, fmt in BACKENDS.items()}
 
 
-def backend_for_filename(filename: str) -> str | None:
-    """The backend whose files end like ``filename`` (by extension), or None."""
+def backend_for_filename(filename: str, path: Path | None = None) -> str | None:
+    """The backend whose files end like ``filename`` (by extension), or None; when several backends share
+    the extension (``.pt2``), the existing file ``path`` decides (without it: the first of them)."""
     suffix = Path(filename).suffix
-    for fmt in BACKENDS.values():
-        if suffix and suffix == fmt.suffix:
-            return fmt.name
-    return None
+    candidates = [fmt for fmt in BACKENDS.values() if suffix and suffix == fmt.suffix]
+    if len(candidates) > 1 and path is not None and path.is_file():
+        candidates = [fmt for fmt in candidates if fmt.serves(path)] or candidates
+    return candidates[0].name if candidates else None
 
 
 class BackendInferenceError(ValueError):
@@ -96,7 +119,8 @@ def infer_backend(model_dir: Path, versions: list[int], filename: str | None = N
     disagree.
     """
     if filename:
-        backend = backend_for_filename(filename)
+        latest = Path(model_dir) / str(max(versions)) / filename if versions else None
+        backend = backend_for_filename(filename, latest)
         if backend is None:
             known = ", ".join(f"{fmt.suffix} ({fmt.name})" for fmt in BACKENDS.values())
             raise BackendInferenceError(
@@ -111,7 +135,11 @@ def infer_backend(model_dir: Path, versions: list[int], filename: str | None = N
     found: dict[int, str] = {}
     for version in versions:
         folder = Path(model_dir) / str(version)
-        present = [fmt.name for fmt in BACKENDS.values() if (folder / fmt.filename).exists()]
+        present = [
+            fmt.name
+            for fmt in BACKENDS.values()
+            if (folder / fmt.filename).is_file() and fmt.serves(folder / fmt.filename)
+        ]
         if len(present) > 1:
             files = ", ".join(f"{version}/{BACKENDS[name].filename}" for name in present)
             raise BackendInferenceError(f"version {version} holds {files}: cannot tell which to serve; set backend")
@@ -124,7 +152,7 @@ def infer_backend(model_dir: Path, versions: list[int], filename: str | None = N
                 )
             raise BackendInferenceError(
                 f"version folder {version} holds none of "
-                + ", ".join(fmt.filename for fmt in BACKENDS.values())
+                + ", ".join(dict.fromkeys(fmt.filename for fmt in BACKENDS.values()))
                 + "; add the model file, or set backend (and default_model_filename for another file name)"
             )
         found[version] = present[0]

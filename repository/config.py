@@ -3,7 +3,7 @@
 Layout::
 
     <repo>/<model>/config.toml                (optional: see ``tensorwire.repository.layout``)
-    <repo>/<model>/<version>/model.onnx | model.pt | model.py
+    <repo>/<model>/<version>/model.onnx | model.pt | model.pt2 | model.py
 
 Every error names the file, the field and what is allowed, so a user can fix it
 without reading code. ``backend`` and ``max_batch_size`` may be left out: the

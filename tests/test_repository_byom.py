@@ -9,6 +9,7 @@ and test_triton_repository.py.
 from __future__ import annotations
 
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,7 @@ def test_backend_inference_refusals_say_why(tmp_path):
     with pytest.raises(BackendInferenceError, match=r"1/model.onnx, 1/model.pt: cannot tell which"):
         infer_backend(model, [1])
     touch(model / "2" / "notes.txt")
-    with pytest.raises(BackendInferenceError, match="version folder 2 holds none of model.onnx, model.pt, model.py"):
+    with pytest.raises(BackendInferenceError, match="version folder 2 holds none of model.onnx, model.pt, model.pt2, model.py"):
         infer_backend(model, [2])
     touch(model / "3" / "model.plan")
     with pytest.raises(BackendInferenceError, match=r"3/model.plan \(a TensorRT plan\) cannot be served"):
@@ -81,11 +82,24 @@ def test_backend_inference_refusals_say_why(tmp_path):
 
 
 def test_a_new_backend_is_one_table_entry(tmp_path, monkeypatch):
-    """The table other backends extend (e.g. torch.export's model.pt2): inference follows from it."""
-    monkeypatch.setitem(BACKENDS, "torch_export", BackendFormat("torch_export", "model.pt2", "torch_export"))
-    touch(tmp_path / "m" / "1" / "model.pt2")
-    assert infer_backend(tmp_path / "m", [1]) == ("torch_export", "1/model.pt2")
-    assert infer_backend(tmp_path, [], "program.pt2")[0] == "torch_export"
+    """The table other backends extend: inference follows from one entry."""
+    monkeypatch.setitem(BACKENDS, "example", BackendFormat("example", "model.example", "example"))
+    touch(tmp_path / "m" / "1" / "model.example")
+    assert infer_backend(tmp_path / "m", [1]) == ("example", "1/model.example")
+    assert infer_backend(tmp_path, [], "program.example")[0] == "example"
+
+
+def test_pt2_files_are_told_apart_by_their_contents(tmp_path):
+    """torch.export programs and AOTInductor packages are both model.pt2 zip archives; a package holds
+    compiled code under <archive>/data/aotinductor/ (the layout torch 2.13 writes)."""
+    program, package = tmp_path / "te" / "1" / "model.pt2", tmp_path / "ao" / "1" / "model.pt2"
+    for path, member in ((program, "te/models/model.json"), (package, "ao/data/aotinductor/model/x.wrapper.so")):
+        path.parent.mkdir(parents=True)
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr(member, b"{}")
+    assert infer_backend(tmp_path / "te", [1]) == ("torch_export", "1/model.pt2")
+    assert infer_backend(tmp_path / "ao", [1]) == ("aotinductor", "1/model.pt2")
+    assert infer_backend(tmp_path / "ao", [1], "model.pt2")[0] == "aotinductor"
 
 
 # ------------------------------------------------------------------ model folders and their configuration

@@ -18,6 +18,7 @@ INPUT_NAME, OUTPUT_NAME = "INPUT0", "OUTPUT0"
 def load_trained(path: Path):
     """The eager model in eval mode, rebuilt from its stored spec, plus the checkpoint dict."""
     from tensorwire.trainer.models import build_model
+    from tensorwire.trainer.structure import apply_structure
 
     state = load_checkpoint(path)
     spec = state["model_spec"]
@@ -30,11 +31,10 @@ def load_trained(path: Path):
         standardize=spec["standardize"],
     )
     try:
+        apply_structure(model, spec.get("structure"))
         model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise TrainerError(
-            f"{path}: weights do not fit model {spec['name']!r}: {str(err).splitlines()[0]}"
-        ) from None
+    except (RuntimeError, ValueError) as err:
+        raise TrainerError(f"{path}: weights do not fit model {spec['name']!r}: {str(err).splitlines()[0]}") from None
     return model.eval(), state
 
 
@@ -62,12 +62,11 @@ def predict_onnx(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
 
 
 def predict_torch(model, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Logits of a torch callable (module, loaded program or package) for all of ``x`` in batches."""
     import torch
 
     with torch.no_grad():
-        return np.concatenate(
-            [model(torch.from_numpy(x[i : i + batch])).numpy() for i in range(0, len(x), batch)]
-        )
+        return np.concatenate([model(torch.from_numpy(x[i : i + batch])).numpy() for i in range(0, len(x), batch)])
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

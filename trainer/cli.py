@@ -1,4 +1,5 @@
-"""The trainer's subcommands of the ``tensorwire`` script: fit, export, quantize, publish, train.
+"""The trainer's subcommands of the ``tensorwire`` script: fit, export, quantize, publish, train,
+prune and distill.
 
 Each function takes the arguments after the subcommand and returns an exit
 code: 0 on success, 2 with one line ``tensorwire <command>: error: ...`` on a
@@ -13,7 +14,15 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tensorwire.trainer.config import ExportOptions, FitOptions, PublishOptions, QuantizeOptions, TrainOptions
+from tensorwire.trainer.config import (
+    DistillOptions,
+    ExportOptions,
+    FitOptions,
+    PruneOptions,
+    PublishOptions,
+    QuantizeOptions,
+    TrainOptions,
+)
 from tensorwire.trainer.errors import TrainerError
 from tensorwire.trainer.options import add_options, check_config_keys, read_config_file, resolve
 
@@ -23,6 +32,8 @@ SECTIONS: dict[str, tuple[type, ...]] = {
     "quantize": (QuantizeOptions,),
     "publish": (PublishOptions,),
     "train": (TrainOptions,),
+    "prune": (PruneOptions,),
+    "distill": (FitOptions, DistillOptions),
 }
 
 DESCRIPTIONS = {
@@ -33,10 +44,15 @@ DESCRIPTIONS = {
     "each checked against the eager model on random batches.",
     "quantize": "INT8-quantize the run's ONNX model with ONNX Runtime and compare FP32 and INT8 "
     "accuracy on the held-out test split.",
-    "publish": "Write the run's model into a model repository as the next version, with a generated "
-    "config.toml.",
-    "train": "fit, export, quantize and publish in one go: data and a model in, published repository "
-    "entries out.",
+    "publish": "Write the run's model into a model repository as the next version, with a generated config.toml.",
+    "train": "fit, export, quantize and publish in one go: data and a model in, published repository entries out.",
+    "prune": "Prune a trained run into a new run folder: structured (whole channels / hidden units, with "
+    "torch-pruning's dependency graph, so dense kernels get faster) or unstructured (magnitude zeros), in "
+    "--steps rounds of prune -> DDP fine-tune, to --keep of the parameters or FLOPs. The result is a normal "
+    "run folder for export, quantize and publish.",
+    "distill": "Knowledge distillation: train a student model (any family, its own options) with DDP on a "
+    "teacher run's temperature-scaled soft targets plus the hard labels, on the teacher's data split. Takes "
+    "fit's options; writes a normal run folder.",
 }
 
 EXAMPLES = {
@@ -45,6 +61,10 @@ EXAMPLES = {
     "quantize": "example: tensorwire quantize --run runs/digits",
     "publish": "example: tensorwire publish --run runs/digits --repo models --format int8",
     "train": "example: tensorwire train --data digits --nproc-per-node 2 --repo models --name digits_cnn",
+    "prune": "example: tensorwire prune --source runs/digits --run runs/digits_pruned --keep 0.3 --steps 2 "
+    "--finetune-epochs 3 --nproc-per-node 2",
+    "distill": "example: tensorwire distill --teacher runs/digits --run runs/digits_student --model cnn "
+    "--model-arg width=8 --epochs 10 --nproc-per-node 2",
 }
 
 #: Options of the single steps that ``train`` decides itself.
@@ -62,8 +82,7 @@ def _parser(command: str, classes: Sequence[type]) -> argparse.ArgumentParser:
         "--config",
         metavar="FILE.toml",
         default=None,
-        help="read options from a TOML file: top-level keys, or [fit]/[export]/[quantize]/[publish] "
-        "tables; flags win",
+        help="read options from a TOML file: top-level keys, or [fit]/[export]/[quantize]/[publish] tables; flags win",
     )
     add_options(parser, classes, exclude=TRAIN_EXCLUDES if command == "train" else ())
     return parser
@@ -103,9 +122,7 @@ def _fit(config: dict, flags: dict, source: str) -> dict[str, Any]:
     opts, explicit = resolve(FitOptions, "fit", config, flags, source)
     summary = run_fit(opts, explicit)
     if summary.get("on_other_node"):
-        print(
-            "fit: this machine's workers finished; the machine running rank 0 holds the checkpoints and log"
-        )
+        print("fit: this machine's workers finished; the machine running rank 0 holds the checkpoints and log")
     else:
         print(
             f"fit: {summary['stopped']} after epoch {summary['last_epoch']}; best val_accuracy "
@@ -121,14 +138,11 @@ def _export(config: dict, flags: dict, source: str, formats: list[str] | None = 
     if formats is not None:
         opts.formats = formats
     report = run_export(opts)
-    for fmt in ("onnx", "torchscript"):
+    for fmt in ("onnx", "torchscript", "pt2", "aoti"):
         if fmt in report:
             part = report[fmt]
             diffs = ", ".join(f"batch {b}: {d:.2g}" for b, d in part["max_abs_diff"].items())
-            print(
-                f"export: {part['file']}  max abs diff vs eager ({diffs})  "
-                f"test accuracy {part['accuracy']:.4f}"
-            )
+            print(f"export: {part['file']}  max abs diff vs eager ({diffs})  test accuracy {part['accuracy']:.4f}")
 
 
 def _quantize(config: dict, flags: dict, source: str) -> None:
@@ -168,8 +182,7 @@ def _train(config: dict, flags: dict, source: str) -> None:
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise TrainerError(
-            f"--publish-formats: unknown format {unknown[0] if unknown else '(none)'!r}; "
-            f"use {', '.join(FORMATS)}"
+            f"--publish-formats: unknown format {unknown[0] if unknown else '(none)'!r}; use {', '.join(FORMATS)}"
         )
     base = resolve(PublishOptions, "publish", config, flags, source)[0].name
     if base:  # a bad name must fail now, not after training
@@ -181,7 +194,7 @@ def _train(config: dict, flags: dict, source: str) -> None:
             raise TrainerError(str(err)) from None
     if _fit(config, flags, source).get("on_other_node"):
         return  # export, quantize and publish happen where rank 0 wrote the checkpoints
-    _export(config, flags, source, formats=["onnx"] + (["torchscript"] if "torchscript" in formats else []))
+    _export(config, flags, source, formats=["onnx"] + [f for f in ("torchscript", "pt2", "aoti") if f in formats])
     if "int8" in formats:
         _quantize(config, flags, source)
     # INT8 last: if it is refused for lost accuracy, the others are already published.
@@ -189,8 +202,55 @@ def _train(config: dict, flags: dict, source: str) -> None:
         _publish(config, flags, source, fmt=fmt, name=f"{base}{FORMATS[fmt][1]}" if base else None)
 
 
+def _prune(config: dict, flags: dict, source: str) -> None:
+    from tensorwire.trainer.prune import prune as run_prune
+
+    opts, explicit = resolve(PruneOptions, "prune", config, flags, source)
+    report = run_prune(opts, explicit)
+    for item in report["rounds"]:
+        print(
+            f"prune: round {item['round']}: {item['params']:,} parameters ({item['nonzero_params']:,} non-zero), "
+            f"{item['flops']:,.0f} FLOPs, best val_accuracy {item['best_val_accuracy']:.4f}"
+        )
+    kept = report["nonzero_kept"] if report["method"] == "unstructured" else report["params_kept"]
+    print(
+        f"prune: {report['method']}: kept {kept:.1%} of the "
+        f"{'non-zero ' if report['method'] == 'unstructured' else ''}parameters and "
+        f"{report['flops_kept']:.1%} of the FLOPs; val_accuracy {report['parent_val_accuracy']:.4f} -> "
+        f"{report['val_accuracy']:.4f} -> {opts.run}/best.pt"
+    )
+    if report["method"] == "unstructured":
+        print("prune: note: zeros in dense tensors: file size and CPU speed stay as they were", file=sys.stderr)
+
+
+def _distill(config: dict, flags: dict, source: str) -> None:
+    from tensorwire.trainer.distill import distill as run_distill
+
+    fit_opts, explicit = resolve(FitOptions, "distill", config, flags, source)
+    opts, explicit_distill = resolve(DistillOptions, "distill", config, flags, source)
+    summary = run_distill(fit_opts, explicit | explicit_distill, opts)
+    if summary.get("on_other_node"):
+        print("distill: this machine's workers finished; the machine running rank 0 holds the checkpoints")
+        return
+    teacher = summary.get("teacher_val_accuracy")
+    print(
+        f"distill: {summary['stopped']} after epoch {summary['last_epoch']}; student best val_accuracy "
+        f"{summary['best_val_accuracy']:.4f} at epoch {summary['best_epoch']}"
+        + (f" (teacher {teacher:.4f})" if teacher is not None else "")
+        + f" -> {fit_opts.run}/best.pt"
+    )
+
+
 def fit(argv: Sequence[str] | None = None) -> int:
     return _run("fit", argv, _fit)
+
+
+def prune(argv: Sequence[str] | None = None) -> int:
+    return _run("prune", argv, _prune)
+
+
+def distill(argv: Sequence[str] | None = None) -> int:
+    return _run("distill", argv, _distill)
 
 
 def export(argv: Sequence[str] | None = None) -> int:

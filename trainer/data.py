@@ -1,4 +1,5 @@
-"""Datasets for the trainer: scikit-learn's bundled digits, synthetic, ``.npz`` and CSV.
+"""Datasets for the trainer: scikit-learn's bundled digits, synthetic, ``.npz``, CSV, and token
+sequences (pyjokes' jokes, a labelled text file, or integer sequences in ``.npz``).
 
 Everything is loaded into memory as ``float32`` samples and ``int64`` labels and
 checked once, up front, so that a bad file fails with one clear line before any
@@ -17,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from tensorwire.trainer.errors import TrainerError
+from tensorwire.trainer.text import TEXT_SUFFIXES
 
-BUILTIN = ("digits", "synthetic")
+BUILTIN = ("digits", "synthetic", "jokes")
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class DataSpec:
     num_classes: int | None = None  # None: max label + 1
     num_samples: int = 2048  # synthetic only
     label_column: str = "-1"  # CSV only: an index or a header name
+    vocab_size: int = 1000  # text only: BPE vocabulary trained on the training split
+    max_length: int = 0  # text only: tokens per sample (0: the longest training text, at most 256)
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
@@ -51,6 +55,12 @@ class Splits:
     test: Split
     num_classes: int
     name: str
+    #: Token data: the vocabulary size (ids 0..vocab_size-1, 0 = padding); 0 for float features.
+    vocab_size: int = 0
+    #: Token data from text: the trained tokenizer (``tokenizers.Tokenizer``); None otherwise.
+    tokenizer: object | None = None
+    #: Class names in label order (for text: the label names of the file, or the jokes' languages).
+    label_names: tuple[str, ...] = ()
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -59,7 +69,12 @@ class Splits:
     @property
     def is_image(self) -> bool:
         """Samples shaped (C, H, W): augmentation and CNNs apply."""
-        return len(self.sample_shape) == 3
+        return len(self.sample_shape) == 3 and not self.vocab_size
+
+    @property
+    def dtype(self) -> str:
+        """The samples' element type: "int64" for token ids, "float32" otherwise."""
+        return "int64" if self.vocab_size else "float32"
 
 
 def _digits_file() -> Path | None:
@@ -110,6 +125,10 @@ def _synthetic(spec: DataSpec) -> tuple[np.ndarray, np.ndarray]:
 def _npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as archive:
+            if "tokens" in archive.files and "X" not in archive.files:
+                if "y" not in archive.files:
+                    raise TrainerError(f"{path}: has 'tokens' but no 'y' (labels)")
+                return archive["tokens"], archive["y"]
             missing = [k for k in ("X", "y") if k not in archive.files]
             if missing:
                 raise TrainerError(
@@ -154,9 +173,7 @@ def _csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
     values = np.empty((len(body), width), dtype=np.float64)
     for number, row in enumerate(body, start=2 if header else 1):
         if len(row) != width:
-            raise TrainerError(
-                f"{path}: line {number} has {len(row)} fields, expected {width} (mismatched shapes)"
-            )
+            raise TrainerError(f"{path}: line {number} has {len(row)} fields, expected {width} (mismatched shapes)")
         try:
             values[number - (2 if header else 1)] = [float(cell) for cell in row]
         except ValueError:
@@ -168,9 +185,7 @@ def _csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
 def _labels(y: np.ndarray, where: str, num_classes: int | None) -> tuple[np.ndarray, int]:
     y = np.asarray(y)
     if y.ndim != 1:
-        raise TrainerError(
-            f"{where}: labels must be one-dimensional class indices (got shape {list(y.shape)})"
-        )
+        raise TrainerError(f"{where}: labels must be one-dimensional class indices (got shape {list(y.shape)})")
     if y.dtype.kind == "f":
         if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
             raise TrainerError(f"{where}: labels must be whole numbers 0..K-1 (found a non-integer label)")
@@ -182,12 +197,55 @@ def _labels(y: np.ndarray, where: str, num_classes: int | None) -> tuple[np.ndar
     classes = int(y.max()) + 1 if num_classes is None else num_classes
     if y.max() >= classes:
         raise TrainerError(
-            f"{where}: label {int(y.max())} out of range for --num-classes {classes} "
-            f"(labels must be 0..{classes - 1})"
+            f"{where}: label {int(y.max())} out of range for --num-classes {classes} (labels must be 0..{classes - 1})"
         )
     if classes < 2:
         raise TrainerError(f"{where}: a classifier needs at least 2 classes (labels are all {int(y.max())})")
     return y, classes
+
+
+def _is_text(spec: DataSpec) -> bool:
+    return spec.data == "jokes" or Path(spec.data).suffix.lower() in TEXT_SUFFIXES
+
+
+def _check_tokens(x: np.ndarray, where: str) -> int:
+    """Integer token ids (N, L), 0 = padding; returns the vocabulary size (largest id + 1)."""
+    if x.ndim != 2 or x.dtype.kind not in "iu":
+        raise TrainerError(
+            f"{where}: 'tokens' must be integer token ids shaped (samples, length), got {x.dtype} {list(x.shape)}"
+        )
+    if x.size and x.min() < 0:
+        raise TrainerError(f"{where}: 'tokens' has negative ids; ids are 0..V-1 with 0 = padding")
+    return int(x.max()) + 1 if x.size else 1
+
+
+def _load_text(spec: DataSpec) -> Splits:
+    """Text: split first, train the tokenizer on the training texts only, then encode every split."""
+    from tensorwire.trainer import text
+
+    if spec.data == "jokes":
+        texts, labels, names = text.jokes_corpus()
+        name = "jokes"
+    else:
+        path = Path(spec.data)
+        if not path.is_file():
+            raise TrainerError(f"{path}: no such file")
+        texts, labels, names = text.read_labelled_text(path)
+        name = path.name
+    where = name if spec.data == "jokes" else str(spec.data)
+    y, classes = _labels(labels, where, spec.num_classes)
+    train, val, test = _split_indices(y, spec.val_fraction, spec.test_fraction, spec.seed)
+    for label, idx in (("training", train), ("validation", val), ("test", test)):
+        if len(idx) == 0:
+            raise TrainerError(f"{name}: too few samples ({len(y)}) for a non-empty {label} split")
+    train_texts = [texts[i] for i in train]
+    tokenizer = text.train_tokenizer(train_texts, spec.vocab_size)
+    if spec.max_length < 0:
+        raise TrainerError(f"--max-length must not be negative (got {spec.max_length})")
+    length = spec.max_length or int(min(256, max(2, text.lengths(tokenizer, train_texts).max())))
+    parts = [Split(text.encode(tokenizer, [texts[i] for i in idx], length), y[idx]) for idx in (train, val, test)]
+    names = tuple(names) + tuple(str(i) for i in range(len(names), classes))
+    return Splits(*parts, classes, name, tokenizer.get_vocab_size(), tokenizer, names[:classes])
 
 
 def load(spec: DataSpec) -> tuple[np.ndarray, np.ndarray, int, str]:
@@ -202,7 +260,8 @@ def load(spec: DataSpec) -> tuple[np.ndarray, np.ndarray, int, str]:
         path = Path(spec.data)
         if path.suffix.lower() not in (".npz", ".csv"):
             raise TrainerError(
-                f"unknown data {spec.data!r}: use 'digits', 'synthetic', or a path to a .npz or .csv file"
+                f"unknown data {spec.data!r}: use 'digits', 'synthetic', 'jokes', or a path to a "
+                ".npz, .csv, .tsv or .txt file"
             )
         if not path.is_file():
             raise TrainerError(f"{path}: no such file")
@@ -220,6 +279,10 @@ def load(spec: DataSpec) -> tuple[np.ndarray, np.ndarray, int, str]:
         raise TrainerError(f"{where}: mismatched shapes: X has {len(x)} samples but y has {len(y)} labels")
     if x.dtype.kind not in "fiub":
         raise TrainerError(f"{where}: X must be numeric (got dtype {x.dtype})")
+    if spec.data not in BUILTIN and _is_token_npz(Path(spec.data)):
+        _check_tokens(x, where)
+        y, classes = _labels(y, where, spec.num_classes)
+        return np.ascontiguousarray(x.astype(np.int64)), y, classes, name
     x = x.astype(np.float32, copy=False)
     if not np.all(np.isfinite(x)):
         raise TrainerError(f"{where}: X contains NaN or infinite values")
@@ -249,16 +312,34 @@ def _split_indices(y: np.ndarray, val: float, test: float, seed: int) -> tuple[n
     return tuple(rng.permutation(np.concatenate(p)) for p in parts)
 
 
+def _is_token_npz(path: Path) -> bool:
+    """A ``.npz`` holding integer sequences under ``tokens`` (rather than features under ``X``)."""
+    if path.suffix.lower() != ".npz":
+        return False
+    with np.load(path, allow_pickle=False) as archive:
+        return "tokens" in archive.files and "X" not in archive.files
+
+
 def load_splits(spec: DataSpec) -> Splits:
-    """Load, validate and split; fails with one line if a split would be empty."""
+    """Load, validate and split; fails with one line if a split would be empty.
+
+    Float features come back as float32 samples; token data (``jokes``, ``.tsv``/``.txt`` text,
+    ``.npz`` with ``tokens``) as int64 ids shaped (N, L), right-padded with 0, with
+    ``Splits.vocab_size`` set.
+    """
     for label, fraction in (("--val-fraction", spec.val_fraction), ("--test-fraction", spec.test_fraction)):
         if not 0 < fraction < 1:
             raise TrainerError(f"{label} must be between 0 and 1 (got {fraction})")
     if spec.val_fraction + spec.test_fraction >= 1:
         raise TrainerError("--val-fraction + --test-fraction must leave samples for training")
+    if _is_text(spec):
+        return _load_text(spec)
     x, y, classes, name = load(spec)
+    vocab = _check_tokens(x, str(spec.data)) if x.dtype == np.int64 else 0
     train, val, test = _split_indices(y, spec.val_fraction, spec.test_fraction, spec.seed)
     for label, idx in (("training", train), ("validation", val), ("test", test)):
         if len(idx) == 0:
             raise TrainerError(f"{name}: too few samples ({len(y)}) for a non-empty {label} split")
-    return Splits(Split(x[train], y[train]), Split(x[val], y[val]), Split(x[test], y[test]), classes, name)
+    return Splits(
+        Split(x[train], y[train]), Split(x[val], y[val]), Split(x[test], y[test]), classes, name, vocab_size=vocab
+    )

@@ -1,11 +1,22 @@
-"""``tensorwire export``: TorchScript and ONNX files from the best checkpoint, each checked
-against the eager model on random batches of several sizes.
+"""``tensorwire export``: ONNX, TorchScript, ``torch.export`` (.pt2) and AOTInductor files from the
+best checkpoint, each checked against the eager model on random batches of several sizes.
 
 ONNX uses the dynamo exporter with a dynamic batch dimension and one
 self-contained file (weights inside); input and output are named INPUT0 and
 OUTPUT0, the names written into the repository's config.toml. TorchScript is
 traced under ``no_grad`` (tracing a Transformer encoder with autograd on fails)
 and the trace is checked at batch sizes other than the one traced.
+
+``pt2`` is a ``torch.export`` program (``torch.export.save``), the upstream successor of
+TorchScript; ``aoti`` is the same program compiled ahead of time by AOTInductor into a package
+of native code (``torch._inductor.aoti_compile_and_package``; needs a C++ compiler). Both have a
+dynamic batch dimension. The example input has batch 2: ``torch.export`` specializes a
+dimension whose example size is 0 or 1.
+
+Token models (int64 ids, 0 = padding) are exported with a dynamic sequence dimension as well,
+and verified at several sequence lengths with random padding: the legacy TorchScript-based ONNX
+exporter would bake the traced length into Reshape nodes, the dynamo exporter with
+``torch.export.Dim`` does not.
 """
 
 from __future__ import annotations
@@ -34,7 +45,10 @@ from tensorwire.trainer.config import ExportOptions
 from tensorwire.trainer.errors import TrainerError
 from tensorwire.trainer.runfolder import RunFolder, write_json
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "torchscript", "pt2", "aoti")
+
+#: Sequence lengths that token models are verified at, besides their training length.
+VERIFY_LENGTHS = (3, 17)
 
 
 @contextlib.contextmanager
@@ -66,12 +80,27 @@ def _quiet_exporter():
         logging.disable(previous)
 
 
-def export_onnx(model, sample_shape: tuple[int, ...], path: Path) -> None:
-    """One ONNX file with a dynamic batch dimension (example batch 2: batch 1 would be specialized)."""
-    import torch
+def dynamic_shapes(dtype: str) -> tuple[dict[int, Any], ...]:
+    """``torch.export`` dynamic dimensions: the batch, and for token ids (int64) the sequence too."""
     from torch.export import Dim
 
-    example = torch.zeros(2, *sample_shape)
+    dims: dict[int, Any] = {0: Dim("batch", min=1)}
+    if dtype == "int64":
+        dims[1] = Dim("sequence", min=1)
+    return (dims,)
+
+
+def _example(sample_shape: tuple[int, ...], dtype: str):
+    from tensorwire.trainer.models import example_input
+
+    return example_input(sample_shape, dtype, batch=2)
+
+
+def export_onnx(model, sample_shape: tuple[int, ...], path: Path, dtype: str = "float32") -> None:
+    """One ONNX file with a dynamic batch dimension (and sequence dimension for token ids)."""
+    import torch
+
+    example = _example(sample_shape, dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _quiet_exporter(), _captured_stderr(path.with_name("onnx_export_error.log"), "exporter"):
         try:
@@ -84,7 +113,7 @@ def export_onnx(model, sample_shape: tuple[int, ...], path: Path) -> None:
                 verbose=False,
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
-                dynamic_shapes=({0: Dim("batch", min=1)},),
+                dynamic_shapes=dynamic_shapes(dtype),
             )
         except ModuleNotFoundError as err:
             raise TrainerError(f"ONNX export needs {err.name!r} (pip install 'tensorwire[train]')") from None
@@ -94,10 +123,11 @@ def export_onnx(model, sample_shape: tuple[int, ...], path: Path) -> None:
         raise TrainerError(f"{path}: the exporter wrote external weights; expected one self-contained file")
 
 
-def export_torchscript(model, sample_shape: tuple[int, ...], path: Path) -> None:
+def export_torchscript(model, sample_shape: tuple[int, ...], path: Path, dtype: str = "float32") -> None:
+    """A traced TorchScript file (deprecated upstream, kept because users ask for it)."""
     import torch
 
-    example = torch.zeros(2, *sample_shape)
+    example = _example(sample_shape, dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript is deprecated upstream; our users still ask for it
@@ -106,6 +136,76 @@ def export_torchscript(model, sample_shape: tuple[int, ...], path: Path) -> None
         except Exception as err:  # noqa: BLE001 - tracing fails in many ways (e.g. data-dependent control flow)
             raise TrainerError(f"TorchScript tracing failed: {_first_line(err)}") from err
         torch.jit.save(traced, str(path))
+
+
+def exported_program(model, sample_shape: tuple[int, ...], dtype: str = "float32"):
+    """``torch.export.export`` of ``model`` with dynamic batch (and sequence) dimensions."""
+    import torch
+
+    with _quiet_exporter(), torch.no_grad():
+        try:
+            return torch.export.export(model, (_example(sample_shape, dtype),), dynamic_shapes=dynamic_shapes(dtype))
+        except Exception as err:  # noqa: BLE001 - torch.export raises many types, with pages of detail
+            raise TrainerError(f"torch.export failed: {_first_line(err)}") from err
+
+
+def export_pt2(model, sample_shape: tuple[int, ...], path: Path, dtype: str = "float32") -> None:
+    """A ``torch.export`` program saved with ``torch.export.save`` (load: ``torch.export.load``)."""
+    import torch
+
+    program = exported_program(model, sample_shape, dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, str(path))
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler AOTInductor would use (``CXX``, else c++/g++/clang++ on PATH), or None."""
+    import os
+    import shutil
+
+    for candidate in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if candidate and shutil.which(candidate):
+            return shutil.which(candidate)
+    return None
+
+
+def export_aoti(model, sample_shape: tuple[int, ...], path: Path, dtype: str = "float32") -> None:
+    """An AOTInductor package: the exported program compiled to native code for this machine's CPU
+    (or the model's GPU). Raises TrainerError when no C++ compiler is found or compilation fails."""
+    import torch
+
+    if cxx_compiler() is None:
+        raise TrainerError(
+            "AOTInductor needs a C++ compiler (g++ or clang++, or CXX=...) and none was found; "
+            "export --formats pt2 for a torch.export program that needs none"
+        )
+    program = exported_program(model, sample_shape, dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _quiet_exporter(), _captured_stderr(path.with_name("aoti_compile_error.log"), "compiler"):
+        try:
+            torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+        except Exception as err:  # noqa: BLE001 - the compiler fails in many ways
+            raise TrainerError(f"AOTInductor compilation failed: {_first_line(err)}") from err
+
+
+def load_pt2(path: Path):
+    """A callable for a ``.pt2`` torch.export program: tensor in, tensor out."""
+    import torch
+
+    return torch.export.load(str(path)).module()
+
+
+def load_aoti(path: Path):
+    """A callable for an AOTInductor package: tensor in, tensor out."""
+    import torch
+
+    runner = torch._inductor.aoti_load_package(str(path))
+
+    def run(x):
+        out = runner(x)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    return run
 
 
 def _first_line(err: BaseException) -> str:
@@ -120,11 +220,24 @@ def _first_line(err: BaseException) -> str:
 
 
 def _random_batches(sample_shape: tuple[int, ...], sizes: list[int], reference: np.ndarray, seed: int = 0):
-    """Random inputs on the scale of the real data (a CNN fed huge values only checks overflow)."""
+    """Random inputs on the scale of the real data (a CNN fed huge values only checks overflow).
+
+    Token ids (int64 reference): for each batch size, batches at the training length and at
+    :data:`VERIFY_LENGTHS`, each row right-padded with 0 after a random number of tokens.
+    Yields (label, batch)."""
     rng = np.random.default_rng(seed)
+    if reference.dtype == np.int64:
+        vocab = int(reference.max()) + 1
+        for size in sizes:
+            for length in (sample_shape[0], *VERIFY_LENGTHS):
+                x = rng.integers(1, vocab, size=(size, length), dtype=np.int64)
+                keep = rng.integers(1, length + 1, size=size)
+                x[np.arange(length)[None, :] >= keep[:, None]] = 0
+                yield f"{size}x{length}", x
+        return
     low, high = float(reference.min()), float(reference.max())
     for size in sizes:
-        yield size, rng.uniform(low, high, size=(size, *sample_shape)).astype(np.float32)
+        yield str(size), rng.uniform(low, high, size=(size, *sample_shape)).astype(np.float32)
 
 
 def verify(
@@ -136,15 +249,14 @@ def verify(
     tolerance: float,
     label: str,
 ) -> dict[str, float]:
-    """Max abs difference of logits per batch size; raise if any exceeds ``tolerance``."""
+    """Max abs difference of logits per batch size (token models: per batch size x length); raise if
+    any exceeds ``tolerance``."""
     diffs: dict[str, float] = {}
     for size, x in _random_batches(sample_shape, sizes, reference):
         try:
             got = run_model(x)
         except Exception as err:  # noqa: BLE001 - any runtime failure means the export is unusable
-            raise TrainerError(
-                f"{label} fails on a batch of {size}: {str(err).strip().splitlines()[0]}"
-            ) from None
+            raise TrainerError(f"{label} fails on a batch of {size}: {str(err).strip().splitlines()[0]}") from None
         want = predict_torch(eager, x)
         if got.shape != want.shape:
             raise TrainerError(
@@ -159,10 +271,32 @@ def verify(
     return diffs
 
 
-def export(opts: ExportOptions) -> dict[str, Any]:
-    """Write the requested formats into ``<run>/export`` and a report of their parity and accuracy."""
+def _write(fmt: str, model, shape: tuple[int, ...], dtype: str, run: RunFolder):
+    """Write one format; returns (path, a numpy-in numpy-out runner of the written file, label)."""
     import torch
 
+    if fmt == "onnx":
+        export_onnx(model, shape, run.onnx, dtype)
+        session = onnx_session(run.onnx)
+        return run.onnx, lambda x: predict_onnx(session, x), "ONNX model"
+    if fmt == "torchscript":
+        export_torchscript(model, shape, run.torchscript, dtype)
+        loaded = torch.jit.load(str(run.torchscript))
+        return run.torchscript, lambda x: predict_torch(loaded, x), "TorchScript model"
+    if fmt == "pt2":
+        export_pt2(model, shape, run.pt2, dtype)
+        program = load_pt2(run.pt2)
+        return run.pt2, lambda x: predict_torch(program, x), "torch.export program"
+    export_aoti(model, shape, run.aoti, dtype)
+    package = load_aoti(run.aoti)
+    return run.aoti, lambda x: predict_torch(package, x), "AOTInductor package"
+
+
+def export(opts: ExportOptions) -> dict[str, Any]:
+    """Write the requested formats into ``<run>/export`` and a report of their parity and accuracy.
+
+    Raises TrainerError for an unknown format, an export that fails, or a file whose logits differ
+    from the eager model's by more than ``--tolerance``."""
     unknown = [f for f in opts.formats if f not in FORMATS]
     if unknown or not opts.formats:
         raise TrainerError(
@@ -187,39 +321,16 @@ def export(opts: ExportOptions) -> dict[str, Any]:
         "eager_accuracy": accuracy(predict_torch(model, test.x), test.y),
         "tolerance": opts.tolerance,
     }
-    if "onnx" in opts.formats:
-        export_onnx(model, shape, run.onnx)
-        session = onnx_session(run.onnx)
-        diffs = verify(
-            lambda x: predict_onnx(session, x),
-            model,
-            shape,
-            opts.verify_batch_sizes,
-            splits.train.x,
-            opts.tolerance,
-            "ONNX model",
-        )
-        report["onnx"] = {
-            "file": str(run.onnx),
-            "max_abs_diff": diffs,
-            "accuracy": accuracy(predict_onnx(session, test.x), test.y),
-        }
-    if "torchscript" in opts.formats:
-        export_torchscript(model, shape, run.torchscript)
-        loaded = torch.jit.load(str(run.torchscript))
-        diffs = verify(
-            lambda x: predict_torch(loaded, x),
-            model,
-            shape,
-            opts.verify_batch_sizes,
-            splits.train.x,
-            opts.tolerance,
-            "TorchScript model",
-        )
-        report["torchscript"] = {
-            "file": str(run.torchscript),
-            "max_abs_diff": diffs,
-            "accuracy": accuracy(predict_torch(loaded, test.x), test.y),
-        }
+    dtype = spec.get("input_dtype", "float32")
+    if splits.tokenizer is not None:  # clients need it to turn text into the model's token ids
+        run.export_dir.mkdir(parents=True, exist_ok=True)
+        splits.tokenizer.save(str(run.tokenizer))
+        report["tokenizer"] = str(run.tokenizer)
+    for fmt in FORMATS:
+        if fmt not in opts.formats:
+            continue
+        path, runner, label = _write(fmt, model, shape, dtype, run)
+        diffs = verify(runner, model, shape, opts.verify_batch_sizes, splits.train.x, opts.tolerance, label)
+        report[fmt] = {"file": str(path), "max_abs_diff": diffs, "accuracy": accuracy(runner(test.x), test.y)}
     write_json(run.export_report, report)
     return report

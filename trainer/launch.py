@@ -46,7 +46,7 @@ def _check_model(opts: FitOptions) -> None:
     """Load the data and build the model once here, so mistakes fail before any worker starts."""
     import torch
 
-    from tensorwire.trainer.models import build_model, check_model
+    from tensorwire.trainer.models import build_model, check_model, model_kwargs
     from tensorwire.trainer.worker import augmentation
 
     splits = load_splits(opts.data_spec())
@@ -55,11 +55,13 @@ def _check_model(opts: FitOptions) -> None:
         opts.model,
         splits.sample_shape,
         splits.num_classes,
-        opts.model_args,
+        model_kwargs(opts.model, opts.model_args, splits.vocab_size),
         dropout=opts.dropout,
         standardize=opts.standardize,
     )
-    check_model(model, splits.sample_shape, splits.num_classes, opts.model)
+    check_model(model, splits.sample_shape, splits.num_classes, opts.model, splits.dtype)
+    if opts.standardize and splits.vocab_size:
+        raise TrainerError("--standardize applies to float features, not to token ids")
     augmentation(dataclasses.asdict(opts), splits)  # raises for --augment on non-image data
 
 
@@ -144,23 +146,35 @@ def _uses_cuda(opts: FitOptions) -> bool:
     return opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available())
 
 
-def fit(opts: FitOptions, explicit: set[str] | None = None) -> dict[str, Any]:
+#: Settings that ``prune`` and ``distill`` hand the workers beside the fit options (kept on resume).
+EXTRA_KEYS = ("init_from", "structure", "keep_zeros", "distill")
+
+
+def fit(opts: FitOptions, explicit: set[str] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train; returns the fit summary (best validation accuracy, epochs run, how it stopped).
 
+    ``extra`` carries what prune and distill add to a fit (keys in :data:`EXTRA_KEYS`): initial
+    weights (``init_from``, a checkpoint path), a pruned ``structure``, ``keep_zeros`` (unstructured
+    pruning's zeros stay zero) and ``distill`` (teacher checkpoint, temperature, alpha).
     On a machine that did not run global rank 0 (and does not share the run folder), the
     summary says only ``on_other_node``: checkpoints and logs are written by rank 0.
     """
     explicit = explicit or set()
+    extra = dict(extra or {})
+    unknown = sorted(set(extra) - set(EXTRA_KEYS))
+    if unknown:
+        raise ValueError(f"unknown extra fit settings {unknown}")
     _check(opts)
     run = RunFolder.at(opts.run)
     if opts.resume:
+        saved = load_checkpoint(run.checkpoint)["config"]
+        extra = {key: saved[key] for key in EXTRA_KEYS if key in saved} | extra
         opts = _resume_options(opts, explicit, run)
         _check(opts)
     elif run.checkpoint.exists():
         if not opts.overwrite:
             raise TrainerError(
-                f"{run.root} already holds a checkpoint: "
-                "pass --resume to continue it or --overwrite to start afresh"
+                f"{run.root} already holds a checkpoint: pass --resume to continue it or --overwrite to start afresh"
             )
         for path in (run.checkpoint, run.best, run.metrics, run.fit_summary):
             path.unlink(missing_ok=True)
@@ -170,11 +184,9 @@ def fit(opts: FitOptions, explicit: set[str] | None = None) -> dict[str, Any]:
         import torch
 
         if opts.nproc_per_node > torch.cuda.device_count():
-            raise TrainerError(
-                f"--nproc-per-node {opts.nproc_per_node} exceeds the {torch.cuda.device_count()} GPUs"
-            )
+            raise TrainerError(f"--nproc-per-node {opts.nproc_per_node} exceeds the {torch.cuda.device_count()} GPUs")
     run.root.mkdir(parents=True, exist_ok=True)
-    config = dataclasses.asdict(opts) | {"run": str(run.root.resolve())}
+    config = dataclasses.asdict(opts) | {"run": str(run.root.resolve())} | extra
     write_json(run.fit_config, config)
     run.fit_summary.unlink(missing_ok=True)
     _start_workers(opts, run.fit_config)
@@ -191,16 +203,12 @@ def _start_workers(opts: FitOptions, config_path: Path) -> None:
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(opts.threads_per_rank)  # read by each worker at start
     try:
-        elastic_launch(config, entrypoint=sys.executable)(
-            "-u", "-m", "tensorwire.trainer.worker", str(config_path)
-        )
+        elastic_launch(config, entrypoint=sys.executable)("-u", "-m", "tensorwire.trainer.worker", str(config_path))
     except ChildFailedError as err:
         raise TrainerError(_failure_message(err)) from None
     except Exception as err:  # rendezvous errors and timeouts
         if type(err).__module__.startswith("torch.distributed"):
-            raise TrainerError(
-                f"launch failed: {type(err).__name__}: {str(err).strip().splitlines()[0]}"
-            ) from None
+            raise TrainerError(f"launch failed: {type(err).__name__}: {str(err).strip().splitlines()[0]}") from None
         raise
     finally:
         if saved is None:

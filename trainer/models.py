@@ -94,9 +94,7 @@ class ResNetCNN(nn.Module):
                 "(pass --input-shape C,H,W to reshape)"
             )
         channels = int(input_shape[0])
-        self.stem = nn.Sequential(
-            nn.Conv2d(channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
-        )
+        self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         stages: list[nn.Module] = []
         cin = width
         for index, cout in enumerate((width, 2 * width, 4 * width)):
@@ -155,19 +153,114 @@ class TransformerClassifier(nn.Module):
         return self.head(self.norm(h.mean(dim=1)))
 
 
+def sinusoidal_positions(length: int, width: int, device: torch.device) -> torch.Tensor:
+    """Vaswani et al. (2017) position encodings, (length, width): sin on even, cos on odd features.
+
+    Computed for any length at run time, so one exported model serves every sequence length."""
+    position = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    rate = torch.exp(torch.arange(0, width, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / width))
+    angles = position * rate[None, :]
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1)[:, :width]
+
+
+class SequenceTransformer(nn.Module):
+    """Transformer encoder over token ids: (B, L) int64 (0 = padding) -> (B, num_classes) logits.
+
+    Padding is masked in attention and in the mean pooling, so a sequence's logits do not depend
+    on how much padding follows it (a server may pad a batch to its longest request). The first
+    position always counts, so an all-padding row yields finite logits rather than NaN.
+    ``input_shape`` is (L,) of the training data; any length works at inference."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        vocab_size: int,
+        d_model: int = 64,
+        heads: int = 4,
+        layers: int = 2,
+        ff: int = 128,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if len(input_shape) != 1:
+            raise TrainerError(f"token data must be shaped (length,) per sample; got {list(input_shape)}")
+        if d_model % heads:
+            raise TrainerError(f"model 'transformer': d_model {d_model} must be divisible by heads {heads}")
+        self.embed = nn.Embedding(int(vocab_size), d_model, padding_idx=0)
+        layer = nn.TransformerEncoderLayer(d_model, heads, ff, dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = torch.arange(x.shape[1], device=x.device)[None, :] == 0
+        keep = (x != 0) | first  # (B, L) True where a real token (or position 0) is
+        h = self.embed(x) * math.sqrt(self.embed.embedding_dim)
+        h = h + sinusoidal_positions(x.shape[1], self.embed.embedding_dim, x.device)[None]
+        h = self.encoder(h, src_key_padding_mask=~keep)
+        weights = keep.unsqueeze(-1).to(h.dtype)
+        pooled = (h * weights).sum(dim=1) / weights.sum(dim=1)
+        return self.head(self.norm(pooled))
+
+
+def transformer(
+    input_shape: Sequence[int],
+    num_classes: int,
+    vocab_size: int = 0,
+    d_model: int = 64,
+    heads: int = 4,
+    layers: int = 2,
+    ff: int = 128,
+    dropout: float = 0.1,
+) -> nn.Module:
+    """The Transformer family: over token ids when the data has a vocabulary (``vocab_size`` > 0,
+    filled in from the data), over float features otherwise."""
+    common = {"d_model": d_model, "heads": heads, "layers": layers, "ff": ff, "dropout": dropout}
+    if vocab_size:
+        return SequenceTransformer(input_shape, num_classes, vocab_size, **common)
+    return TransformerClassifier(input_shape, num_classes, **common)
+
+
 BUILTIN: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "cnn": ResNetCNN,
-    "transformer": TransformerClassifier,
+    "transformer": transformer,
 }
+
+
+def model_kwargs(name: str, model_args: dict, vocab_size: int) -> dict:
+    """The family's options plus what the data decides: ``vocab_size`` for token data.
+
+    Raises TrainerError for token data with a family that takes float features."""
+    kwargs = dict(model_args)
+    if not vocab_size:
+        return kwargs
+    if name in ("mlp", "cnn"):
+        raise TrainerError(
+            f"model {name!r} takes float features, but the data is token ids; use --model transformer "
+            "or a factory that takes vocab_size"
+        )
+    factory = BUILTIN.get(name)
+    if factory is None:
+        factory = _import_factory(name)
+    params = inspect.signature(factory).parameters
+    if "vocab_size" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        kwargs["vocab_size"] = vocab_size
+    return kwargs
+
+
+def example_input(sample_shape: Sequence[int], dtype: str = "float32", batch: int = 2) -> torch.Tensor:
+    """A dummy batch: zeros for float features, token id 1 for token data (int64)."""
+    if dtype == "int64":
+        return torch.ones(batch, *sample_shape, dtype=torch.int64)
+    return torch.zeros(batch, *sample_shape)
 
 
 def _import_factory(spec: str) -> Callable[..., nn.Module]:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise TrainerError(
-            f"unknown model {spec!r}: use one of {sorted(BUILTIN)} or 'package.module:factory'"
-        )
+        raise TrainerError(f"unknown model {spec!r}: use one of {sorted(BUILTIN)} or 'package.module:factory'")
     if os.getcwd() not in sys.path:  # like `python -m`: a user's module next to their data is importable
         sys.path.insert(0, os.getcwd())
     try:
@@ -202,37 +295,31 @@ def build_model(
     unknown = [k for k in kwargs if k not in params and not takes_any]
     if unknown:
         allowed = [k for k in params if k not in ("input_shape", "num_classes")]
-        raise TrainerError(
-            f"model {name!r} takes no argument {unknown[0]!r} (it takes: {', '.join(allowed)})"
-        )
+        raise TrainerError(f"model {name!r} takes no argument {unknown[0]!r} (it takes: {', '.join(allowed)})")
     try:
-        model = factory(
-            input_shape=tuple(int(d) for d in input_shape), num_classes=int(num_classes), **kwargs
-        )
+        model = factory(input_shape=tuple(int(d) for d in input_shape), num_classes=int(num_classes), **kwargs)
     except TrainerError:
         raise
     except (TypeError, ValueError) as err:
         raise TrainerError(f"model {name!r} could not be built: {err}") from None
     if not isinstance(model, nn.Module):
-        raise TrainerError(
-            f"model {name!r}: the factory returned {type(model).__name__}, not a torch.nn.Module"
-        )
+        raise TrainerError(f"model {name!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
     if standardize:
         model = nn.Sequential(Standardize(input_shape), model)
     return model
 
 
-def check_model(model: nn.Module, sample_shape: Sequence[int], num_classes: int, name: str) -> None:
+def check_model(
+    model: nn.Module, sample_shape: Sequence[int], num_classes: int, name: str, dtype: str = "float32"
+) -> None:
     """Run two dummy samples through the model so shape mistakes fail before training starts."""
     model.eval()
     try:
         with torch.no_grad():
-            out = model(torch.zeros(2, *sample_shape))
+            out = model(example_input(sample_shape, dtype))
     except Exception as err:  # noqa: BLE001 - any failure here is a model/data mismatch
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TrainerError(
-            f"model {name!r} cannot take samples shaped {list(sample_shape)}: {first}"
-        ) from None
+        raise TrainerError(f"model {name!r} cannot take samples shaped {list(sample_shape)}: {first}") from None
     if tuple(out.shape) != (2, num_classes):
         raise TrainerError(
             f"model {name!r} returned shape {list(out.shape[1:])} per sample; expected [{num_classes}] logits"

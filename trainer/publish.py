@@ -45,6 +45,8 @@ FORMATS = {
     "onnx": ("onnxruntime", ""),
     "int8": ("onnxruntime", "_int8"),
     "torchscript": ("torchscript", "_ts"),
+    "pt2": ("torch_export", "_pt2"),
+    "aoti": ("aotinductor", "_aoti"),
 }
 
 
@@ -57,7 +59,13 @@ def default_name(spec: dict[str, Any], fmt: str) -> str:
 
 
 def _artifact(run: RunFolder, fmt: str) -> Path:
-    path = {"onnx": run.onnx, "int8": run.int8, "torchscript": run.torchscript}[fmt]
+    path = {
+        "onnx": run.onnx,
+        "int8": run.int8,
+        "torchscript": run.torchscript,
+        "pt2": run.pt2,
+        "aoti": run.aoti,
+    }[fmt]
     if not path.is_file():
         step = "quantize" if fmt == "int8" else "export"
         raise TrainerError(f"{path}: missing (run 'tensorwire {step} --run {run.root}' first)")
@@ -99,6 +107,13 @@ def _accuracy_metadata(run: RunFolder, fmt: str, opts: PublishOptions) -> dict[s
     }
 
 
+def input_spec(spec: dict[str, Any]) -> TensorSpec:
+    """INPUT0 as the model takes it: FP32 features, or INT64 token ids of any length (0 = padding)."""
+    if spec.get("input_dtype") == "int64":
+        return TensorSpec(name=INPUT_NAME, datatype="INT64", dims=[-1])
+    return TensorSpec(name=INPUT_NAME, datatype="FP32", dims=list(spec["input_shape"]))
+
+
 def build_config(
     spec: dict[str, Any],
     backend: str,
@@ -112,7 +127,7 @@ def build_config(
             backend=backend,
             max_batch_size=opts.max_batch_size,
             version_policy=policy or VersionPolicy(latest=1),
-            inputs=[TensorSpec(name=INPUT_NAME, datatype="FP32", dims=list(spec["input_shape"]))],
+            inputs=[input_spec(spec)],
             outputs=[TensorSpec(name=OUTPUT_NAME, datatype="FP32", dims=[spec["num_classes"]])],
             dynamic_batching=DynamicBatching(
                 max_queue_delay_us=opts.max_queue_delay_us, preferred_batch_sizes=preferred
@@ -205,7 +220,7 @@ def publish(opts: PublishOptions, fmt: str | None = None, name: str | None = Non
         "format": fmt,
         "model": spec["name"],
         "dataset": spec["dataset"],
-        "labels": ",".join(str(i) for i in range(spec["num_classes"])),
+        "labels": ",".join(spec.get("label_names") or [str(i) for i in range(spec["num_classes"])]),
         "source_checkpoint": str(run.best.resolve()),
         "checkpoint_epoch": str(state["epoch"]),
         "val_accuracy": f"{state['metrics']['val_accuracy']:.4f}",
@@ -215,6 +230,8 @@ def publish(opts: PublishOptions, fmt: str | None = None, name: str | None = Non
     }
     if spec["dataset"] == "digits":
         metadata["input"] = "8x8 grey image, pixel values 0..16 divided by 16 (range 0..1)"
+    if spec.get("input_dtype") == "int64":
+        metadata["input"] = "token ids of any length, right-padded with 0 (text: the run's export/tokenizer.json)"
     model_name = name or opts.name or default_name(spec, fmt)
     try:
         check_model_name(model_name)

@@ -7,7 +7,8 @@
     <run>/best.pt             best validation epoch: model + config (what export reads)
     <run>/metrics.jsonl       one JSON line per epoch (loss/accuracy, train and validation)
     <run>/fit_summary.json    how the last fit ended
-    <run>/export/             model.onnx, model.pt (TorchScript), model.int8.onnx, *_report.json
+    <run>/export/             model.onnx, model.pt (TorchScript), model.pt2 (torch.export), model.aoti.pt2
+                              (AOTInductor), model.int8.onnx, tokenizer.json (text data), *_report.json
 
 Checkpoints hold only tensors, dicts, lists, str, int, float and bool, so
 ``torch.load(weights_only=True)`` reads them: no pickled code runs on load.
@@ -43,6 +44,9 @@ class RunFolder:
     onnx = property(lambda self: self.root / "export" / "model.onnx")
     torchscript = property(lambda self: self.root / "export" / "model.pt")
     int8 = property(lambda self: self.root / "export" / "model.int8.onnx")
+    pt2 = property(lambda self: self.root / "export" / "model.pt2")
+    aoti = property(lambda self: self.root / "export" / "model.aoti.pt2")
+    tokenizer = property(lambda self: self.root / "export" / "tokenizer.json")
     export_report = property(lambda self: self.root / "export" / "export_report.json")
     quantize_report = property(lambda self: self.root / "export" / "quantize_report.json")
 
@@ -80,9 +84,7 @@ def load_checkpoint(path: Path, map_location: str = "cpu") -> dict[str, Any]:
 
     path = Path(path)
     if not path.is_file():
-        raise TrainerError(
-            f"{path}: no such checkpoint (run 'tensorwire fit' first, or pass --run/--checkpoint)"
-        )
+        raise TrainerError(f"{path}: no such checkpoint (run 'tensorwire fit' first, or pass --run/--checkpoint)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file

@@ -34,8 +34,9 @@ from tensorwire.trainer import training
 from tensorwire.trainer.config import data_spec_from
 from tensorwire.trainer.data import Split, Splits, load_splits
 from tensorwire.trainer.errors import TrainerError
-from tensorwire.trainer.models import build_model
+from tensorwire.trainer.models import build_model, model_kwargs
 from tensorwire.trainer.runfolder import RunFolder, load_checkpoint, save_checkpoint, write_json
+from tensorwire.trainer.structure import apply_structure
 
 
 @dataclass
@@ -156,9 +157,7 @@ def _restore_rng(ctx: Context, states: list[list[torch.Tensor]]) -> None:
         torch.cuda.set_rng_state(mine[1].cpu(), ctx.device)
 
 
-def _loader(
-    split: Split, ctx: Context, per_rank_batch: int, seed: int
-) -> tuple[DataLoader, DistributedSampler]:
+def _loader(split: Split, ctx: Context, per_rank_batch: int, seed: int) -> tuple[DataLoader, DistributedSampler]:
     """Whole batches are sliced from in-memory tensors (no per-sample collation)."""
     dataset = TensorDataset(torch.from_numpy(split.x), torch.from_numpy(split.y))
     sampler = DistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=seed)
@@ -198,16 +197,23 @@ def _standardize(model: nn.Module, splits: Splits) -> None:
 
 
 def model_spec(config: dict[str, Any], splits: Splits) -> dict[str, Any]:
-    """How to rebuild the network (name and options), stored beside its weights."""
-    return {
+    """How to rebuild the network (name, options and, after structured pruning, the pruned
+    shapes), stored beside its weights."""
+    spec = {
         "name": config["model"],
-        "kwargs": dict(config["model_args"]),
+        "kwargs": model_kwargs(config["model"], config["model_args"], splits.vocab_size),
         "dropout": config["dropout"],
         "input_shape": list(splits.sample_shape),
+        "input_dtype": splits.dtype,
         "num_classes": splits.num_classes,
         "standardize": bool(config["standardize"]),
         "dataset": splits.name,
     }
+    if splits.label_names:
+        spec["label_names"] = list(splits.label_names)
+    if config.get("structure"):
+        spec["structure"] = config["structure"]
+    return spec
 
 
 def _progress(ctx: Context, config: dict[str, Any], total: int, epoch: int):
@@ -222,6 +228,34 @@ def _progress(ctx: Context, config: dict[str, Any], total: int, epoch: int):
         dynamic_ncols=True,
         unit="batch",
     )
+
+
+class DistillLoss:
+    """Hinton et al. (2015), "Distilling the Knowledge in a Neural Network": ``alpha`` x T^2 x
+    KL(teacher_T || student_T) on temperature-T soft targets, plus ``1 - alpha`` x cross-entropy on
+    the hard labels. The T^2 factor keeps the soft term's gradients on the scale of the hard term's."""
+
+    def __init__(self, teacher: nn.Module, temperature: float, alpha: float) -> None:
+        self.teacher, self.temperature, self.alpha = teacher.eval(), temperature, alpha
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            soft = F.softmax(self.teacher(inputs).float() / self.temperature, dim=1)
+        log_student = F.log_softmax(logits / self.temperature, dim=1)
+        kl = F.kl_div(log_student, soft, reduction="batchmean") * self.temperature**2
+        return self.alpha * kl + (1 - self.alpha) * F.cross_entropy(logits, labels)
+
+
+def _teacher(config: dict[str, Any], ctx: Context) -> DistillLoss | None:
+    settings = config.get("distill")
+    if not settings:
+        return None
+    from tensorwire.trainer.artifacts import load_trained
+
+    teacher, _ = load_trained(Path(settings["teacher"]))
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return DistillLoss(teacher.to(ctx.device), float(settings["temperature"]), float(settings["alpha"]))
 
 
 @dataclass
@@ -240,6 +274,10 @@ class Job:
     sampler: DistributedSampler
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None
     ddp: DistributedDataParallel | None = None
+    #: Knowledge distillation (``tensorwire distill``): replaces plain cross-entropy.
+    distill: DistillLoss | None = None
+    #: Unstructured pruning: weights that must stay exactly zero while fine-tuning.
+    masks: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def augmentation(config: dict[str, Any], splits: Splits):
@@ -266,18 +304,26 @@ def build_job(ctx: Context, config: dict[str, Any]) -> Job:
         dropout=spec["dropout"],
         standardize=spec["standardize"],
     )
+    apply_structure(model, spec.get("structure"))
     if spec["standardize"]:
         _standardize(model, splits)
+    masks = None
+    if config.get("init_from") and not config["resume"]:  # prune's fine-tuning starts from given weights
+        model.load_state_dict(load_checkpoint(Path(config["init_from"]))["model"])
+    if config.get("keep_zeros"):  # unstructured pruning: the zeros of the initial weights stay zero
+        if config["resume"]:
+            model.load_state_dict(load_checkpoint(RunFolder.at(config["run"]).checkpoint)["model"])
+        masks = [(p, p.detach() != 0) for p in model.parameters() if p.dim() > 1]
     model.to(ctx.device)
-    loader, sampler = _loader(
-        splits.train, ctx, max(1, math.ceil(config["batch_size"] / ctx.world)), config["seed"]
-    )
+    loader, sampler = _loader(splits.train, ctx, max(1, math.ceil(config["batch_size"] / ctx.world)), config["seed"])
     lr = config["lr"] or training.DEFAULT_LR[config["optimizer"]]
     optimizer = training.make_optimizer(model, config["optimizer"], lr, config["l2"], config["momentum"])
     schedule = training.make_schedule(optimizer, config["lr_schedule"], lr, config["epochs"], len(loader))
     run = RunFolder.at(config["run"])
     augment = augmentation(config, splits)
-    return Job(config, run, splits, spec, model, optimizer, schedule, loader, sampler, augment)
+    job = Job(config, run, splits, spec, model, optimizer, schedule, loader, sampler, augment)
+    job.distill, job.masks = _teacher(config, ctx), [(p, m.to(ctx.device)) for p, m in masks or []] or None
+    return job
 
 
 def _resume(job: Job, ctx: Context) -> tuple[int, EarlyStopping]:
@@ -308,12 +354,19 @@ def train_epoch(job: Job, ctx: Context, epoch: int) -> tuple[float, float]:
             xb, yb = xb.to(ctx.device, non_blocking=True), yb.to(ctx.device, non_blocking=True)
             with _autocast(ctx, config):
                 logits = job.ddp(xb)
-                loss = F.cross_entropy(logits.float(), yb)
+                if job.distill is not None:
+                    loss = job.distill(logits.float(), yb, xb)
+                else:
+                    loss = F.cross_entropy(logits.float(), yb)
             objective = loss + config["l1"] * training.l1_penalty(job.model) if config["l1"] else loss
             job.optimizer.zero_grad(set_to_none=True)
             objective.backward()
             job.optimizer.step()
             job.schedule.step()
+            if job.masks is not None:
+                with torch.no_grad():
+                    for weight, keep in job.masks:
+                        weight.mul_(keep)
             value = loss.item()
             totals.add(value * len(yb), (logits.argmax(1) == yb).sum().item(), len(yb))
             bar.set_postfix(loss=f"{value:.4f}", refresh=False)
@@ -321,9 +374,7 @@ def train_epoch(job: Job, ctx: Context, epoch: int) -> tuple[float, float]:
     return totals.reduce(ctx)
 
 
-def save_epoch(
-    job: Job, ctx: Context, metrics: dict[str, Any], stopping: EarlyStopping, improved: bool
-) -> None:
+def save_epoch(job: Job, ctx: Context, metrics: dict[str, Any], stopping: EarlyStopping, improved: bool) -> None:
     """Checkpoint (every epoch), best model (when improved) and a log line; rank 0 writes, all wait."""
     rng = _gather_rng(ctx)  # a collective: every rank takes part
     if ctx.main:
@@ -356,9 +407,7 @@ def save_epoch(
 def train(ctx: Context, config: dict[str, Any]) -> None:
     job = build_job(ctx, config)
     start, stopping = _resume(job, ctx) if config["resume"] else (1, EarlyStopping())
-    job.ddp = DistributedDataParallel(
-        job.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
-    )
+    job.ddp = DistributedDataParallel(job.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     epochs_this_run, stopped, began = 0, "completed", time.monotonic()
     for epoch in range(start, config["epochs"] + 1):
         tick = time.monotonic()
@@ -380,11 +429,7 @@ def train(ctx: Context, config: dict[str, Any]) -> None:
         if config["patience"] and stopping.bad_epochs >= config["patience"]:
             stopped = "early"
             break
-        if (
-            config["stop_after_epochs"]
-            and epochs_this_run >= config["stop_after_epochs"]
-            and epoch < config["epochs"]
-        ):
+        if config["stop_after_epochs"] and epochs_this_run >= config["stop_after_epochs"] and epoch < config["epochs"]:
             stopped = "interrupted"
             break
     if ctx.main:

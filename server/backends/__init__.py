@@ -21,6 +21,12 @@ def create_backend(kind: str, path: Path, placement: Placement) -> Backend:
         except ImportError as err:
             raise RuntimeError("the torchscript backend needs torch: pip install 'tensorwire[torch]'") from err
         return TorchScriptBackend(path, placement)
+    if kind in ("torch_export", "aotinductor"):
+        try:
+            from tensorwire.server.backends.torch_export_backend import TorchExportBackend
+        except ImportError as err:
+            raise RuntimeError(f"the {kind} backend needs torch: pip install 'tensorwire[torch]'") from err
+        return TorchExportBackend(path, placement, aot=kind == "aotinductor")
     if kind == "python":
         from tensorwire.server.backends.python_backend import PythonBackend
 
