@@ -68,7 +68,8 @@ def test_backend_inference_refusals_say_why(tmp_path):
     with pytest.raises(BackendInferenceError, match=r"1/model.onnx, 1/model.pt: cannot tell which"):
         infer_backend(model, [1])
     touch(model / "2" / "notes.txt")
-    with pytest.raises(BackendInferenceError, match="version folder 2 holds none of model.onnx, model.pt, model.pt2, model.py"):
+    none_of = "version folder 2 holds none of model.onnx, model.pt, model.pt2, model.py"
+    with pytest.raises(BackendInferenceError, match=none_of):
         infer_backend(model, [2])
     touch(model / "3" / "model.plan")
     with pytest.raises(BackendInferenceError, match=r"3/model.plan \(a TensorRT plan\) cannot be served"):
