@@ -127,5 +127,7 @@ def test_cli_speaks_tls_and_tokens(tls_server, certs, capsys):
     args = ["-a", f"localhost:{tls_server.port}", "--ca-file", str(certs.ca), "--token", TOKEN]
     assert client_cli.health([*args, "--model", "identity"]) == 0
     assert "ready=yes" in capsys.readouterr().out
+    # Without the token the v2 API refuses; health falls back to the open grpc.health.v1 service.
     assert client_cli.health(["-a", f"localhost:{tls_server.port}", "--ca-file", str(certs.ca),
-                              "--retries", "1"]) == 2
+                              "--retries", "1"]) == 0
+    assert "grpc.health.v1" in capsys.readouterr().err
