@@ -424,9 +424,11 @@ class ClientBase:
         last: Exception | None = None
         while True:
             try:
-                ready = yield from self._plan_server_ready(probe_timeout_s)
-                if ready and model is not None:
-                    ready = yield from self._plan_model_ready(model, None, probe_timeout_s)
+                if model is None:
+                    ready = yield from self._plan_server_ready(probe_timeout_s)
+                else:  # only this model: under strict readiness another model may keep the server not ready
+                    ready = yield from self._plan_server_live(probe_timeout_s)
+                    ready = ready and (yield from self._plan_model_ready(model, None, probe_timeout_s))
                 if ready:
                     return
             except InferenceServerError as error:

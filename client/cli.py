@@ -1,10 +1,12 @@
-"""``tensorwire health | metadata | infer``: the SDK on the command line, for operators and scripts.
+"""``tensorwire health | metadata | infer | index | load | unload``: the SDK on the command line.
 
 Examples::
 
     tensorwire health -a 127.0.0.1:8001 --model digits_cnn      # exit 0 = live and ready
     tensorwire metadata --model digits_cnn --config              # JSON on stdout
     tensorwire infer --model digits_cnn INPUT0=x.npy -o out.npz  # or inputs.npz / inputs.json
+    tensorwire index                                             # models, states, reasons
+    tensorwire load digits_cnn                                   # (re)load from the repository
 
 Exit codes: 0 success (and, for ``health``, everything live/ready), 1 not ready or a
 request error, 2 usage error or server unreachable.
@@ -21,12 +23,20 @@ from collections.abc import Sequence, Set
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 from google.protobuf import json_format
 
 from tensorwire.client._casting import conform
-from tensorwire.client._channel import TLSConfig
-from tensorwire.client.errors import InferenceServerError, InvalidInputError, UnavailableError
+from tensorwire.client._channel import DEFAULT_MAX_MESSAGE_BYTES, TLSConfig, channel_spec
+from tensorwire.client._health import health_check
+from tensorwire.client.errors import (
+    InferenceServerError,
+    InvalidInputError,
+    UnauthenticatedError,
+    UnavailableError,
+    from_rpc_error,
+)
 from tensorwire.client.results import InferResult, Tensor
 from tensorwire.client.retry import RetryPolicy
 from tensorwire.client.sync import InferenceClient
@@ -43,7 +53,9 @@ def _connection_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     group = parser.add_argument_group("connection")
     group.add_argument(
-        "-a", "--address", default=os.environ.get(ADDRESS_ENV, "127.0.0.1:8001"),
+        "-a",
+        "--address",
+        default=os.environ.get(ADDRESS_ENV, "127.0.0.1:8001"),
         help=f"server host:port, or several comma-separated (round-robin) (env {ADDRESS_ENV})",
     )
     group.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds (default 30)")
@@ -59,18 +71,24 @@ def _connection_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _client(args: argparse.Namespace) -> InferenceClient:
+def _token(args: argparse.Namespace) -> str | None:
     token = args.token
     if args.token_file:
         token = Path(args.token_file).expanduser().read_text().strip()
-    token = token or os.environ.get(TOKEN_ENV) or None
-    tls: TLSConfig | bool | None = None
+    return token or os.environ.get(TOKEN_ENV) or None
+
+
+def _tls(args: argparse.Namespace) -> TLSConfig | None:
     if args.tls or args.ca_file or args.cert_file or args.key_file or args.server_name:
-        tls = TLSConfig(args.ca_file, args.cert_file, args.key_file, args.server_name)
+        return TLSConfig(args.ca_file, args.cert_file, args.key_file, args.server_name)
+    return None
+
+
+def _client(args: argparse.Namespace) -> InferenceClient:
     return InferenceClient(
         args.address,
-        tls=tls,
-        token=token,
+        tls=_tls(args),
+        token=_token(args),
         compression="gzip" if args.gzip else None,
         timeout=args.timeout,
         retry=RetryPolicy(max_attempts=max(1, args.retries)),
@@ -96,49 +114,208 @@ def _message_dict(message: Any) -> dict[str, Any]:
 
 # -------------------------------------------------------------------------- health
 
+_YES = {True: "yes", False: "no"}
+
+
+def _index_reasons(client: InferenceClient, names: Sequence[str]) -> dict[str, str]:
+    """Why each of ``names`` is not ready, from RepositoryIndex (which carries the load error)."""
+    try:
+        index = client.repository_index()
+    except InferenceServerError:
+        return {}
+    reasons: dict[str, list[str]] = {}
+    for entry in index:
+        if entry.name in names and entry.state != "READY":
+            where = f"version {entry.version} " if entry.version else ""
+            text = f"{where}{entry.state}" + (f": {entry.reason}" if entry.reason else "")
+            reasons.setdefault(entry.name, []).append(text)
+    return {name: "; ".join(parts) for name, parts in reasons.items()}
+
+
+def _health_v2(client: InferenceClient, args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """Liveness and readiness through the v2 API (needs the token when the server requires one)."""
+    report["live"] = client.server_live()
+    report["ready"] = client.server_ready()
+    models: dict[str, bool] = {}
+    errors: dict[str, str] = {}
+    for model in args.model:
+        try:
+            models[model] = client.model_ready(model, args.version)
+        except (UnavailableError, UnauthenticatedError):
+            raise
+        except InferenceServerError as error:
+            models[model] = False
+            errors[model] = str(error)
+    not_ready = [model for model, ready in models.items() if not ready and model not in errors]
+    if not_ready:
+        errors.update(_index_reasons(client, not_ready))
+    if models:
+        report["models"] = models
+    if errors:
+        report["errors"] = errors
+
+
+def _health_open(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """The same answers from the open ``grpc.health.v1`` service: no versions, no reasons."""
+    spec = channel_spec(
+        args.address,
+        tls=_tls(args),
+        token=_token(args),
+        compression=None,
+        keepalive=None,
+        max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
+        load_balancing=None,
+        retry=RetryPolicy(),
+        options=(),
+        user_agent="tensorwire-cli",
+    )
+    channel = spec.open_sync()
+    try:
+        status = health_check(channel, "", timeout=args.timeout, metadata=spec.metadata)
+        report["live"], report["ready"] = True, status == "SERVING"
+        models: dict[str, bool] = {}
+        errors: dict[str, str] = {}
+        for model in args.model:
+            try:
+                status = health_check(channel, model, timeout=args.timeout, metadata=spec.metadata)
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                status = "not known to the server"
+            models[model] = status == "SERVING"
+            if not models[model]:
+                errors[model] = status
+        if models:
+            report["models"] = models
+        if errors:
+            report["errors"] = errors
+    except grpc.RpcError as error:
+        raise from_rpc_error(error) from None
+    finally:
+        channel.close()
+
 
 def health(argv: Sequence[str]) -> int:
-    """``tensorwire health``: exit 0 when the server (and each ``--model``) is live and ready."""
+    """``tensorwire health``: exit 0 when the server (and each ``--model``) is live and ready.
+
+    Exit codes: 0 live and ready; 1 answered but something is not ready (or a request was refused);
+    2 unreachable or a usage error. When the server requires a token that was not given (or was
+    refused), the open ``grpc.health.v1`` service answers instead, as Kubernetes probes use it.
+    """
     parser = _connection_parser("tensorwire health", "Check server liveness/readiness and model readiness.")
     parser.add_argument("-m", "--model", action="append", default=[], help="also check this model (repeat)")
     parser.add_argument("--version", help="model version to check (default: the server's choice)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(list(argv))
-    report: dict[str, Any] = {"address": args.address}
+    report: dict[str, Any] = {"address": args.address, "checked_with": "v2"}
+    note = ""
     try:
         with _client(args) as client:
-            report["live"] = client.server_live()
-            report["ready"] = client.server_ready()
-            models: dict[str, Any] = {}
-            for model in args.model:
-                try:
-                    models[model] = client.model_ready(model, args.version)
-                except InferenceServerError as error:
-                    if isinstance(error, UnavailableError):
-                        raise
-                    models[model] = False
-                    report.setdefault("errors", {})[model] = str(error)
-            if models:
-                report["models"] = models
+            try:
+                _health_v2(client, args, report)
+            except UnauthenticatedError:
+                report.pop("live", None)
+                report.pop("ready", None)
+                report["checked_with"] = "grpc.health.v1"
+                given = "was refused" if _token(args) else "was not given"
+                note = (
+                    f"the server requires a token for its v2 API and one {given}; checked with the open "
+                    f"grpc.health.v1 service instead (--token or {TOKEN_ENV} adds versions and reasons)"
+                )
+                if args.version:
+                    note += f"; --version {args.version} was not checked"
+                _health_open(args, report)
     except (InferenceServerError, OSError, ValueError) as error:
+        unreachable = not isinstance(error, InferenceServerError) or isinstance(error, UnavailableError)
         report.setdefault("live", False)
         report.setdefault("ready", False)
         report["error"] = str(error)
         if args.json:
             _print_json(report)
         else:
-            print(f"tensorwire: {args.address}: {error}", file=sys.stderr)
-        return 2
+            print(f"tensorwire health: {args.address}: {error}", file=sys.stderr)
+        return 2 if unreachable else 1
     healthy = report["live"] and report["ready"] and all(report.get("models", {}).values())
+    if note:
+        report["note"] = note
+        print(f"tensorwire health: note: {note}", file=sys.stderr)
     if args.json:
         _print_json(report)
     else:
-        yes = {True: "yes", False: "no"}
-        print(f"server {args.address}: live={yes[report['live']]} ready={yes[report['ready']]}")
+        print(f"server {args.address}: live={_YES[report['live']]} ready={_YES[report['ready']]}")
         for model, ready in report.get("models", {}).items():
             why = report.get("errors", {}).get(model)
-            print(f"model {model}: ready={yes[ready]}" + (f" ({why})" if why else ""))
+            print(f"model {model}: ready={_YES[ready]}" + (f" ({why})" if why else ""))
     return 0 if healthy else 1
+
+
+# ------------------------------------------------------------ model control
+
+
+def index(argv: Sequence[str]) -> int:
+    """``tensorwire index``: every model in the server's repository, its state and why it is not ready."""
+    parser = _connection_parser(
+        "tensorwire index", "List the models in the server's repository (RepositoryIndex) with state and reason."
+    )
+    parser.add_argument("--ready", action="store_true", help="only models that are ready")
+    parser.add_argument("--json", action="store_true", help="print the index as JSON")
+    args = parser.parse_args(list(argv))
+    try:
+        with _client(args) as client:
+            entries = client.repository_index(ready=args.ready)
+    except (InferenceServerError, OSError, ValueError) as error:
+        return _fail(error)
+    if args.json:
+        _print_json([_message_dict(entry) for entry in entries])
+        return 0
+    rows = [("MODEL", "VERSION", "STATE", "REASON")]
+    rows += [(e.name, e.version or "-", e.state, e.reason) for e in entries]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print(
+            ("  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)) + "  " + row[3]).rstrip()
+        )
+    return 0
+
+
+def _control(command: str, argv: Sequence[str]) -> int:
+    loading = command == "load"
+    parser = _connection_parser(
+        f"tensorwire {command}",
+        "Load (or reload) models from the server's repository (RepositoryModelLoad); returns once each is "
+        "ready or has failed."
+        if loading
+        else "Unload models (RepositoryModelUnload); requests already accepted still finish.",
+    )
+    parser.add_argument("models", nargs="+", metavar="MODEL", help="model name (several allowed)")
+    parser.set_defaults(timeout=300.0)  # a load includes warm-up: allow more than one request's 30 s
+    args = parser.parse_args(list(argv))
+    failed = 0
+    try:
+        with _client(args) as client:
+            for model in args.models:
+                try:
+                    client.load_model(model) if loading else client.unload_model(model)
+                except (UnavailableError, UnauthenticatedError):
+                    raise
+                except InferenceServerError as error:
+                    print(f"tensorwire {command}: {model}: {error}", file=sys.stderr)
+                    failed += 1
+                    continue
+                print(f"{'loaded' if loading else 'unloaded'} {model}")
+    except (InferenceServerError, OSError, ValueError) as error:
+        return _fail(error)
+    return 1 if failed else 0
+
+
+def load(argv: Sequence[str]) -> int:
+    """``tensorwire load MODEL...``: exit 0 when every model loaded, 1 when one failed (its reason printed)."""
+    return _control("load", argv)
+
+
+def unload(argv: Sequence[str]) -> int:
+    """``tensorwire unload MODEL...``: exit 0 when every model was unloaded, 1 when one was refused."""
+    return _control("unload", argv)
 
 
 # ------------------------------------------------------------------------ metadata
@@ -357,15 +534,18 @@ def infer(argv: Sequence[str]) -> int:
                 inputs = _as_given(inputs, set(args.bf16))
             outputs = [name for name in args.outputs.split(",") if name] if args.outputs else None
             result = client.infer(
-                args.model, inputs, outputs=outputs, version=args.version,
-                request_id=args.id, priority=args.priority,
+                args.model,
+                inputs,
+                outputs=outputs,
+                version=args.version,
+                request_id=args.id,
+                priority=args.priority,
             )
     except (InferenceServerError, OSError, ValueError) as error:
         return _fail(error)
     if args.output and args.output.lower().endswith(".npz"):
         # BYTES outputs become fixed-width bytes arrays: .npz files stay loadable without pickle.
-        arrays = {name: array.astype(bytes) if array.dtype == object else array
-                  for name, array in result.items()}
+        arrays = {name: array.astype(bytes) if array.dtype == object else array for name, array in result.items()}
         np.savez(args.output, **arrays)
         print(f"wrote {', '.join(result)} to {args.output}", file=sys.stderr)
     elif args.output:

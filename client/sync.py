@@ -270,7 +270,9 @@ class InferenceClient(ClientBase):
         self._drive(self._plan_unload_model(model, parameters, timeout))
 
     def wait_until_ready(self, model: str | None = None, *, timeout: float = 30.0, interval: float = 0.1) -> None:
-        """Block until the server (and ``model``, if given) is ready, polling every ``interval`` seconds.
+        """Block until the server is ready, or with ``model``, until the server is live and that model is
+        ready (a server with strict readiness stays not ready while any other model is not; this waits only
+        for the one you name), polling every ``interval`` seconds.
 
         Raises UnavailableError (with the last error seen) when ``timeout`` seconds pass first.
         """

@@ -9,7 +9,8 @@
 # Why this script: the PyPI package "perf-analyzer" is an empty placeholder, and the binary inside
 # tritonclient wheels >= 2.52 needs glibc 2.38 (Debian 12 has 2.36). tritonclient 2.51.0's
 # manylinux1 wheel carries a binary that runs here once two shared libraries are found:
-#   libb64.so.0d     Debian's libb64-0d (apt-get install when root; otherwise unpacked into the cache)
+#   libb64.so.0d     Debian's libb64-0d (apt-get install when root; otherwise, or while another process
+#                    keeps the dpkg lock, the .deb is unpacked into the cache)
 #   libcudart.so.12  pip's nvidia-cuda-runtime-cu12, installed into a private folder (no GPU is used)
 # Everything lives under .cache/perf_analyzer/ (git-ignored). Setup is idempotent: once done, a run
 # costs one stamp check. Set TENSORWIRE_PA_CACHE to put the cache elsewhere, TENSORWIRE_PA_PYTHON to
@@ -54,6 +55,47 @@ pip_quiet() {
     fi
 }
 
+# apt-get ATTEMPTS times while another process (unattended-upgrades, a parallel set-up) holds the dpkg
+# or the lists lock; apt itself waits up to APT_LOCK_WAIT seconds each time (DPkg::Lock::Timeout).
+APT_LOCK_WAIT=${TENSORWIRE_APT_LOCK_WAIT:-30}
+APT_LOCKED=0        # set by apt_retry: 1 when its last failure was a held lock
+apt_retry() {
+    local attempts=$1 attempt out
+    shift
+    out=$(mktemp)
+    for ((attempt = 1; attempt <= attempts; attempt++)); do
+        APT_LOCKED=0
+        if apt-get -o DPkg::Lock::Timeout="$APT_LOCK_WAIT" "$@" >"$out" 2>&1; then
+            cat "$out" >>"$LOG"; rm -f "$out"
+            return 0
+        fi
+        cat "$out" >>"$LOG"
+        grep -qE "Could not get lock|Unable to acquire|is another process using it" "$out" || break
+        APT_LOCKED=1
+        say "apt-get $1: a package lock is held by another process (attempt $attempt of $attempts)"
+    done
+    rm -f "$out"
+    return 1
+}
+
+unpack_libb64() {  # no root or no lock needed: the .deb unpacked into the cache, used via LD_LIBRARY_PATH
+    say "unpacking $LIBB64_PACKAGE into $DEB_DIR (not installed system-wide)"
+    local tmp
+    tmp=$(mktemp -d)
+    chmod 755 "$tmp"   # apt's _apt user must be able to write the download
+    if ! (cd "$tmp" && apt_retry 3 download "$LIBB64_PACKAGE"); then
+        if [[ $(id -u) == 0 ]]; then   # a fresh machine may have empty package lists
+            say "apt-get update (package lists), then downloading $LIBB64_PACKAGE again"
+            apt_retry 3 update -q || true
+        fi
+        (cd "$tmp" && apt_retry 3 download "$LIBB64_PACKAGE") \
+            || { rm -rf "$tmp"; tail -n 20 "$LOG" >&2; die "apt-get download $LIBB64_PACKAGE failed (log: $LOG); ask root to: apt-get install $LIBB64_PACKAGE"; }
+    fi
+    mkdir -p "$DEB_DIR"
+    dpkg-deb -x "$tmp"/"$LIBB64_PACKAGE"_*.deb "$DEB_DIR"
+    rm -rf "$tmp"
+}
+
 install_libb64() {
     system_has_libb64 && return 0
     [[ -e $DEB_DIR/usr/lib/x86_64-linux-gnu/libb64.so.0d ]] && return 0
@@ -61,22 +103,20 @@ install_libb64() {
     if [[ $(id -u) == 0 ]]; then
         say "installing $LIBB64_PACKAGE with apt-get"
         export DEBIAN_FRONTEND=noninteractive
-        if ! apt-get install -y -q --no-install-recommends "$LIBB64_PACKAGE" >>"$LOG" 2>&1; then
-            apt-get update -q >>"$LOG" 2>&1 || true
-            apt-get install -y -q --no-install-recommends "$LIBB64_PACKAGE" >>"$LOG" 2>&1 \
-                || { tail -n 20 "$LOG" >&2; die "apt-get install $LIBB64_PACKAGE failed (log: $LOG)"; }
+        # One try: when the dpkg lock stays busy, unpacking the .deb (no lock needed) is quicker than waiting.
+        apt_retry 1 install -y -q --no-install-recommends "$LIBB64_PACKAGE" && return 0
+        if [[ $APT_LOCKED == 0 ]]; then
+            say "apt-get update (package lists), then installing $LIBB64_PACKAGE again"
+            apt_retry 3 update -q || true
+            apt_retry 1 install -y -q --no-install-recommends "$LIBB64_PACKAGE" && return 0
         fi
-    else
-        # Not root: unpack the .deb into the cache instead of touching the system.
-        say "unpacking $LIBB64_PACKAGE into $DEB_DIR (not root, so not installed system-wide)"
-        local tmp
-        tmp=$(mktemp -d)
-        (cd "$tmp" && apt-get download "$LIBB64_PACKAGE" >>"$LOG" 2>&1) \
-            || { rm -rf "$tmp"; die "apt-get download $LIBB64_PACKAGE failed (log: $LOG); ask root to: apt-get install $LIBB64_PACKAGE"; }
-        mkdir -p "$DEB_DIR"
-        dpkg-deb -x "$tmp"/"$LIBB64_PACKAGE"_*.deb "$DEB_DIR"
-        rm -rf "$tmp"
+        if [[ $APT_LOCKED == 1 ]]; then
+            say "the dpkg lock stays busy: unpacking $LIBB64_PACKAGE into the cache instead of installing it"
+        else
+            say "apt-get install $LIBB64_PACKAGE failed (see $LOG): unpacking it into the cache instead"
+        fi
     fi
+    unpack_libb64   # not root, or the dpkg lock stayed busy: no system install needed
 }
 
 install_binary() {

@@ -308,6 +308,20 @@ def read_toml_config(path: Path) -> ModelConfigFile:
     return parse_model_config(data, str(path))
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (Linux: /proc), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_model_config(config: ModelConfigFile, model_dir: Path) -> Path:
     """Write ``config.toml`` atomically (write a temp file, then rename)."""
     import tomli_w  # only the trainer writes configs
@@ -317,6 +331,9 @@ def write_model_config(config: ModelConfigFile, model_dir: Path) -> Path:
     path = model_dir / CONFIG_FILE
     # A unique temporary name per writer: concurrent publishers never share a half-written file.
     fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".toml.tmp", dir=model_dir)
+    # mkstemp creates the file 0600; give it the mode of any other new file (0644 under umask 022),
+    # as the model files beside it have, so a server running as another user can read it.
+    os.fchmod(fd, 0o666 & ~_umask())
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(tomli_w.dumps(config.to_toml_dict()))
     os.replace(tmp, path)

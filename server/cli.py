@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -122,6 +124,46 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
     )
 
 
+def _port_taken(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (e.g. "address already in use"), or None if it can.
+
+    Binds the way gRPC and the metrics server do (SO_REUSEADDR, so a port left in TIME_WAIT by
+    a server that just stopped still counts as free) and releases the port at once.
+    """
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        return f"cannot resolve {host!r}: {error.strerror}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as error:
+            return (error.strerror or str(error)).lower()
+    return None
+
+
+def _listen_error(host: str, port: int, what: str, option: str, why: str) -> str:
+    return (
+        f"tensorwire serve: error: cannot listen on {host}:{port} for {what}: {why}; "
+        f"choose another port with {option} (make serve: {option.strip('-').replace('-', '_').upper()}=N)"
+    )
+
+
+def check_ports(settings: ServerSettings) -> None:
+    """One line naming the port and the option to change it, instead of a traceback, when a port is taken.
+
+    Raises:
+        SystemExit: with that line, when the gRPC or the metrics port cannot be bound.
+    """
+    ports = [(settings.grpc_port, "gRPC", "--grpc-port"), (settings.metrics_port, "metrics", "--metrics-port")]
+    for port, what, option in ports:
+        why = _port_taken(settings.host, port) if port else None
+        if why:
+            raise SystemExit(_listen_error(settings.host, port, what, option, why))
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -130,7 +172,23 @@ def main(argv: list[str]) -> int:
         format="ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
     )
     settings = settings_from(args)
-    code = asyncio.run(InferenceServer(settings).run())
+    check_ports(settings)
+    try:
+        code = asyncio.run(InferenceServer(settings).run())
+    except RuntimeError as error:  # grpc: "Failed to bind to address ..." (taken since check_ports)
+        if "Failed to bind" not in str(error):
+            raise
+        raise SystemExit(
+            _listen_error(settings.host, settings.grpc_port, "gRPC", "--grpc-port", "address already in use")
+        ) from None
+    except OSError as error:  # the metrics server's bind (taken since check_ports)
+        if error.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+            raise
+        raise SystemExit(
+            _listen_error(
+                settings.host, settings.metrics_port, "metrics", "--metrics-port", (error.strerror or "").lower()
+            )
+        ) from None
     # A model stuck in native code leaves its (daemon) thread behind; end the process now rather than let
     # interpreter shutdown wait on or trip over it.
     logging.shutdown()

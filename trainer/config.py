@@ -149,6 +149,12 @@ class QuantizeOptions:
     )
     calibration_samples: int = opt(256, "training samples used to calibrate activation ranges", kind="int")
     per_channel: bool = opt(True, "per-channel weight scales", kind="bool")
+    reduce_range: bool = opt(
+        True,
+        "7-bit weights: exact integer arithmetic on CPUs without VNNI (AVX2 and older), where 8-bit weights "
+        "can overflow ONNX Runtime's 16-bit pair sums and lose accuracy only there",
+        kind="bool",
+    )
     max_accuracy_drop: float = opt(
         1.0, "largest FP32 -> INT8 accuracy drop, in points, that may be published", kind="float"
     )

@@ -72,16 +72,32 @@ def _artifact(run: RunFolder, fmt: str) -> Path:
     return path
 
 
+class AccuracyGateError(TrainerError):
+    """An INT8 model lost more accuracy than ``--max-accuracy-drop`` allows; it was not published.
+
+    ``summary`` says by how much, without the advice the full message adds.
+    """
+
+    def __init__(self, summary: str) -> None:
+        super().__init__(f"{summary}; not published (pass --force to publish anyway)")
+        self.summary = summary
+
+
 def _accuracy_metadata(run: RunFolder, fmt: str, opts: PublishOptions) -> dict[str, str]:
-    """The accuracy report for ``[metadata]``; refuses an INT8 model that lost too much accuracy."""
+    """The accuracy report for ``[metadata]``.
+
+    Raises:
+        AccuracyGateError: for an INT8 model whose test accuracy dropped more than
+            ``opts.max_accuracy_drop`` points below FP32 (unless ``opts.force``).
+    """
     if fmt == "int8":
         report = read_json(run.quantize_report, "written by 'tensorwire quantize'")
         drop = float(report["accuracy_drop_points"])
         if drop > opts.max_accuracy_drop and not opts.force:
-            raise TrainerError(
+            raise AccuracyGateError(
                 f"INT8 accuracy dropped {drop:.2f} points (FP32 {report['fp32_accuracy']:.4f} -> INT8 "
-                f"{report['int8_accuracy']:.4f}), more than --max-accuracy-drop {opts.max_accuracy_drop:g}; "
-                "not published (pass --force to publish anyway)"
+                f"{report['int8_accuracy']:.4f} on {report['test_samples']} test samples), more than "
+                f"--max-accuracy-drop {opts.max_accuracy_drop:g}"
             )
         return {
             "accuracy": f"{report['int8_accuracy']:.4f}",
@@ -89,15 +105,14 @@ def _accuracy_metadata(run: RunFolder, fmt: str, opts: PublishOptions) -> dict[s
             "int8_accuracy": f"{report['int8_accuracy']:.4f}",
             "accuracy_drop_points": f"{drop:.2f}",
             "top1_agreement": f"{report['top1_agreement']:.4f}",
-            "quantization": f"{report['mode']} int8, per_channel={str(report['per_channel']).lower()}",
+            "quantization": f"{report['mode']} int8, per_channel={str(report['per_channel']).lower()}, "
+            f"reduce_range={str(report.get('reduce_range', False)).lower()}",
             "test_samples": str(report["test_samples"]),
         }
     report = read_json(run.export_report, "written by 'tensorwire export'")
     part = report.get(fmt)
     if part is None:
-        raise TrainerError(
-            f"{run.export_report}: has no {fmt} export (run 'tensorwire export --formats {fmt}')"
-        )
+        raise TrainerError(f"{run.export_report}: has no {fmt} export (run 'tensorwire export --formats {fmt}')")
     diffs = part["max_abs_diff"]
     return {
         "accuracy": f"{part['accuracy']:.4f}",
@@ -137,9 +152,7 @@ def build_config(
         )
     except ValueError as err:  # pydantic: name the first problem in one line
         first = str(err).splitlines()
-        raise TrainerError(
-            f"invalid model config: {first[2].strip() if len(first) > 2 else first[0]}"
-        ) from None
+        raise TrainerError(f"invalid model config: {first[2].strip() if len(first) > 2 else first[0]}") from None
 
 
 def _existing_policy(model_dir: Path) -> VersionPolicy | None:
@@ -188,9 +201,7 @@ def install_version(model_dir: Path, artifact: Path, filename: str, version: int
             target = model_dir / str(candidate)
             if target.exists():
                 if version:
-                    raise TrainerError(
-                        f"{target}: version {version} already exists (omit --version for the next one)"
-                    )
+                    raise TrainerError(f"{target}: version {version} already exists (omit --version for the next one)")
                 candidate += 1
                 continue
             try:

@@ -426,8 +426,8 @@ def train(ctx: Context, config: dict[str, Any]) -> None:
         }
         save_epoch(job, ctx, metrics, stopping, improved)
         epochs_this_run += 1
-        if config["patience"] and stopping.bad_epochs >= config["patience"]:
-            stopped = "early"
+        if config["patience"] and stopping.bad_epochs >= config["patience"] and epoch < config["epochs"]:
+            stopped = "early"  # only when epochs were left: a run that used them all "completed"
             break
         if config["stop_after_epochs"] and epochs_this_run >= config["stop_after_epochs"] and epoch < config["epochs"]:
             stopped = "interrupted"
