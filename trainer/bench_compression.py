@@ -294,7 +294,7 @@ def _statistics(address: str, model: str) -> tuple[int, int, int]:
 
 def measure_served(variants: Sequence[Variant], family: str, test_x: np.ndarray, work: Path, seconds: float) -> None:
     """Publish every variant into one repository, serve it, and run the closed loops."""
-    from tensorwire.loadtest.bench import local_server
+    from tensorwire.loadtest.launch import serve
     from tensorwire.trainer.config import PublishOptions
     from tensorwire.trainer.publish import publish
 
@@ -306,7 +306,8 @@ def measure_served(variants: Sequence[Variant], family: str, test_x: np.ndarray,
             PublishOptions(run=str(variant.run), repo=str(repo), force=True), fmt=variant.fmt, name=names[variant.label]
         )
     inputs = [test_x[i : i + 1] for i in range(min(len(test_x), 256))]
-    with local_server(repo, ("--log-level", "WARNING")) as (address, _pid):
+    with serve(repo, "--log-level", "WARNING") as server:
+        address = server.address
         for variant in variants:
             name = names[variant.label]
             for concurrency in (1, 64):
