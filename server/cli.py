@@ -17,7 +17,7 @@ TOKEN_ENV = "TENSORWIRE_AUTH_TOKEN"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tensorwire serve",
-        description="Serve every model in a repository over gRPC (Open Inference Protocol / KServe v2).",
+        description="Serve every model in a repository over gRPC and HTTP/REST (Open Inference Protocol / KServe v2).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (127.0.0.1 for local only)")
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (inference, health, reflection)")
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="HTTP/REST port (KServe v2 REST and Triton's binary-tensor extension, health at /v2/health/*); 0 disables",
+    )
     parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics HTTP port; 0 disables")
     parser.add_argument(
         "--max-message-bytes",
@@ -102,12 +108,18 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
             raise SystemExit(f"tensorwire serve: error: {args.auth_token_file} is empty")
     if args.max_inflight_bytes is not None and args.max_inflight_bytes <= 0:
         raise SystemExit("tensorwire serve: error: --max-inflight-bytes must be positive")
+    for flag, port in (("--grpc-port", args.grpc_port), ("--http-port", args.http_port)):
+        if not 0 <= port <= 65535:
+            raise SystemExit(f"tensorwire serve: error: {flag} must be a TCP port (0-65535), got {port}")
+    if args.http_port and args.http_port in (args.grpc_port, args.metrics_port):
+        raise SystemExit("tensorwire serve: error: --http-port must differ from --grpc-port and --metrics-port")
     if not args.repo.is_dir():
         raise SystemExit(f"tensorwire serve: error: repository {args.repo} is not a folder")
     return ServerSettings(
         repo=args.repo,
         host=args.host,
         grpc_port=args.grpc_port,
+        http_port=args.http_port,
         metrics_port=args.metrics_port,
         max_message_bytes=args.max_message_bytes,
         max_inflight_bytes=args.max_inflight_bytes,
