@@ -22,8 +22,9 @@ INVALID_ARGUMENT and FAILED_PRECONDITION 400, UNAUTHENTICATED 401, NOT_FOUND 404
 UNAVAILABLE 503, DEADLINE_EXCEEDED 504. A body that is not a v2 request is 400 and counted ``malformed``.
 
 Cost of a refusal: a request without the token (or, with mutual TLS, without a verified client
-certificate) is answered 401 on its headers, before its body is read, and the connection is closed so the
-body is never taken in. An inference request is refused unread while the memory budget is spent or when
+certificate) is answered 401 on its headers, before its body is read; whatever body the client sends anyway
+is discarded as it arrives (never held) for at most ``LINGER_S`` so that the client can read the answer,
+then the connection is closed. An inference request is refused unread while the memory budget is spent or when
 its ``Content-Length`` does not fit, is charged its size from the moment it is read until its answer has
 been sent, and is cancelled (withdrawn from its batcher) when the client disconnects. The health
 endpoints stay open (probes carry no token); with mutual TLS the handshake accepts clients without a
@@ -82,6 +83,10 @@ HTTP_STATUS = {
 }
 #: Paths answered without a token or a client certificate: what probes call.
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+#: After refusing a request whose body was not read, how long its bytes are read and discarded before the
+#: connection closes (closing at once would reset it before many clients, which send the whole body before
+#: reading, see the answer).
+LINGER_S = 0.5
 #: The most a non-inference request body may hold (they are small JSON objects).
 MAX_CONTROL_BODY_BYTES = 64 * 2**10
 _JSON = "application/json"
@@ -153,7 +158,7 @@ class HttpFrontend:
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (0: any free port); returns the bound port. Raises OSError when it is taken."""
-        server = web.Server(self._handle, handler_cancellation=True, access_log=None, lingering_time=1.0)
+        server = web.Server(self._handle, handler_cancellation=True, access_log=None, lingering_time=LINGER_S)
         self._runner = web.ServerRunner(server, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=self._ssl_context, reuse_address=True)
