@@ -105,6 +105,7 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 
 
 def json_response(value: Any, status: int = 200) -> web.Response:
+    """``value`` as a compact JSON body with ``status``."""
     return web.Response(status=status, body=json.dumps(value, separators=(",", ":")).encode(), content_type=_JSON)
 
 
