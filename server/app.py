@@ -151,17 +151,20 @@ class InferenceServer:
             (health_handler(self.health, refuse), reflection_handler(services, reflection_pool(), refuse))
         )
         address = f"{s.host}:{s.grpc_port}"
-        if s.tls_cert and s.tls_key:
-            credentials = grpc.ssl_server_credentials(
-                [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
-                root_certificates=s.tls_client_ca.read_bytes() if s.tls_client_ca else None,
-                require_client_auth=s.tls_client_ca is not None,
-            )
-            bound = server.add_secure_port(address, credentials)
-        else:
-            bound = server.add_insecure_port(address)
+        try:
+            if s.tls_cert and s.tls_key:
+                credentials = grpc.ssl_server_credentials(
+                    [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
+                    root_certificates=s.tls_client_ca.read_bytes() if s.tls_client_ca else None,
+                    require_client_auth=s.tls_client_ca is not None,
+                )
+                bound = server.add_secure_port(address, credentials)
+            else:
+                bound = server.add_insecure_port(address)
+        except RuntimeError as err:  # grpcio's "Failed to bind to address ..."
+            raise OSError(f"cannot listen on {address} (--grpc-port): {err}") from err
         if not bound:
-            raise OSError(f"cannot listen on {address}")
+            raise OSError(f"cannot listen on {address} (--grpc-port)")
         return server
 
     def _sync_health(self) -> None:
@@ -216,6 +219,7 @@ class InferenceServer:
             try:
                 await self.http.start(s.host, s.http_port)
             except OSError as err:
+                await self._server.stop(None)
                 raise OSError(f"cannot listen on {s.host}:{s.http_port} (--http-port): {err}") from err
         self._tasks.append(loop.create_task(self._health_loop()))
         log.info(

@@ -142,7 +142,12 @@ def main(argv: list[str]) -> int:
         format="ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
     )
     settings = settings_from(args)
-    code = asyncio.run(InferenceServer(settings).run())
+    try:
+        code = asyncio.run(InferenceServer(settings).run())
+    except OSError as err:  # a port taken or not ours to bind: one line, not a traceback
+        logging.getLogger("tensorwire.server").error("event=start_failed error=%r", str(err))
+        print(f"tensorwire serve: error: {err}", file=sys.stderr)
+        code = 1
     # A model stuck in native code leaves its (daemon) thread behind; end the process now rather than let
     # interpreter shutdown wait on or trip over it.
     logging.shutdown()

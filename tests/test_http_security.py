@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -156,3 +158,33 @@ def test_tls_only_and_the_plain_port_is_gone(tmp_path):
         np.testing.assert_array_equal(answer.json()["outputs"][0]["data"], [1, 2, 3, 4])
         with pytest.raises(requests.ConnectionError):
             requests.get(f"http://localhost:{server.http_port}/v2/health/live", timeout=5)
+
+
+@pytest.mark.parametrize("flag", ["--http-port", "--grpc-port"])
+def test_a_port_already_taken_is_one_line_and_exit_1(tmp_path, flag):
+    repo = tmp_path / "models"
+    onnx_identity(repo, "identity", dims=[4], max_batch_size=4, warmup="none")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        ports = {"--http-port": "0", "--grpc-port": "0", "--metrics-port": "0", flag: port}
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tensorwire.cli",
+                "serve",
+                "--repo",
+                str(repo),
+                "--host",
+                "127.0.0.1",
+                *[part for item in ports.items() for part in item],
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 1
+    assert f"tensorwire serve: error: cannot listen on 127.0.0.1:{port} ({flag})" in done.stderr
+    assert "Traceback" not in done.stderr
