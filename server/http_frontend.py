@@ -19,7 +19,8 @@ Errors are ``{"error": "<message>"}`` with the HTTP status of the core error's g
 mapping to HTTP gives it (``google.rpc.Code``) and Triton's HTTP endpoint uses where it has one:
 INVALID_ARGUMENT and FAILED_PRECONDITION 400, UNAUTHENTICATED 401, NOT_FOUND 404, RESOURCE_EXHAUSTED 429
 (queue full: with ``Retry-After``; a body over the size limit: 413), CANCELLED 499, INTERNAL 500,
-UNAVAILABLE 503, DEADLINE_EXCEEDED 504. A body that is not a v2 request is 400 and counted ``malformed``.
+UNAVAILABLE 503, DEADLINE_EXCEEDED 504. A body that is not a v2 request is 400 and counted ``malformed``;
+a compressed request body (``Content-Encoding``) is 415.
 
 Cost of a refusal: a request without the token (or, with mutual TLS, without a verified client
 certificate) is answered 401 on its headers, before its body is read; whatever body the client sends anyway
@@ -365,6 +366,13 @@ class HttpFrontend:
         """One inference: budget and size checks before the body is read, the data plane, the answer; the
         request's and the answer's bytes stay charged until the answer has been written."""
         dataplane, budget = self.dataplane, self.dataplane.budget
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding != "identity":
+            response = error_response(
+                415, f"Content-Encoding {encoding[:40]!r} is not supported; send the body uncompressed"
+            )
+            response.force_close()
+            return response
         dataplane.admit_unread("ModelInfer")
         length = request.content_length
         if length is not None and length > self.max_message_bytes:

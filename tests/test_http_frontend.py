@@ -326,6 +326,14 @@ def test_errors_have_the_v2_status_and_an_error_body(base, method, path, body, s
     assert text in response.json()["error"]
 
 
+def test_a_compressed_body_is_refused_with_415(base):
+    body = json.dumps({"inputs": []}).encode()
+    response = requests.post(
+        base + "/v2/models/identity/infer", data=body, headers={"Content-Encoding": "gzip"}, timeout=10
+    )
+    assert response.status_code == 415 and "uncompressed" in response.json()["error"]
+
+
 def test_binary_sizes_that_do_not_add_up(base):
     x = np.ones((1, 4), np.float32)
     header = json.dumps(
