@@ -1,7 +1,7 @@
 # tensorwire server image (CPU).
 #
 #   docker build -t tensorwire:0.1.0 .
-#   docker run --rm -p 8001:8001 -p 8002:8002 -v "$PWD/models:/models:ro" tensorwire:0.1.0
+#   docker run --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 -v "$PWD/models:/models:ro" tensorwire:0.1.0
 #
 # The install steps are the README's ("Install"), run in the clone: build a wheel, install it with the
 # pinned versions. TorchScript models need torch too: --build-arg EXTRAS=server,torch.
@@ -29,11 +29,14 @@ WORKDIR /
 USER 10001:10001
 # The model repository: <model>/config.toml (or config.pbtxt, or none) and <model>/<version>/model.onnx ...
 VOLUME ["/models"]
-# 8001 gRPC (inference, health, reflection); 8002 Prometheus /metrics.
-EXPOSE 8001 8002
+# 8000 HTTP/REST (v2 REST, /v2/health/live and /ready); 8001 gRPC (inference, health, reflection);
+# 8002 Prometheus /metrics.
+EXPOSE 8000 8001 8002
 STOPSIGNAL SIGTERM
-# Healthy = live and ready (every configured model READY, not draining); a long first load gets 5 minutes.
+# Docker has one health state: healthy = live and ready (every configured model READY, not draining), what
+# `depends_on: condition: service_healthy` waits for; a long first load gets 5 minutes. Orchestrators with
+# separate probes use /v2/health/live and /v2/health/ready (or gRPC health "" and the inference service).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
     CMD ["tensorwire", "health", "--address", "127.0.0.1:8001", "--timeout", "3", "--retries", "1"]
 ENTRYPOINT ["tini", "--", "tensorwire"]
-CMD ["serve", "--repo", "/models", "--grpc-port", "8001", "--metrics-port", "8002", "--drain-seconds", "5", "--grace-seconds", "30"]
+CMD ["serve", "--repo", "/models", "--http-port", "8000", "--grpc-port", "8001", "--metrics-port", "8002", "--drain-seconds", "5", "--grace-seconds", "30"]

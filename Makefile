@@ -4,8 +4,8 @@
 # Everything runs from ./.venv, created here with pinned versions (constraints.txt).
 #
 # make serve takes: REPO (models), HOST (0.0.0.0: every interface, no auth; 127.0.0.1 for this
-# machine only), GRPC_PORT (8001), METRICS_PORT (8002; 0 disables), e.g.
-#   make serve HOST=127.0.0.1 GRPC_PORT=9001 METRICS_PORT=9002
+# machine only), GRPC_PORT (8001), HTTP_PORT (8000; 0 disables), METRICS_PORT (8002; 0 disables), e.g.
+#   make serve HOST=127.0.0.1 GRPC_PORT=9001 HTTP_PORT=9000 METRICS_PORT=9002
 
 PYTHON       ?= python3
 VENV         := .venv
@@ -13,6 +13,7 @@ BIN          := $(VENV)/bin
 REPO         ?= models
 HOST         ?= 0.0.0.0
 GRPC_PORT    ?= 8001
+HTTP_PORT    ?= 8000
 METRICS_PORT ?= 8002
 STAMP        := $(VENV)/.installed
 PIP          := $(BIN)/python -m pip --disable-pip-version-check
@@ -43,7 +44,7 @@ $(STAMP): pyproject.toml constraints.txt
 # misses its accuracy gate is reported in one line and the others are served.
 serve: $(STAMP)
 	$(BIN)/tensorwire build-default-repo --repo $(REPO)
-	$(BIN)/tensorwire serve --repo $(REPO) --host $(HOST) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	$(BIN)/tensorwire serve --repo $(REPO) --host $(HOST) --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

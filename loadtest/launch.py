@@ -153,8 +153,7 @@ def command(
     if kind == "bare":
         return [*head, "--repo", str(repo), "--host", "127.0.0.1", "--port", str(port), *args]
     ports = ["--grpc-port", str(port), "--metrics-port", str(metrics_port)]
-    if http_port is not None:
-        ports += ["--http-port", str(http_port)]
+    ports += ["--http-port", str(http_port or 0)]  # off unless asked for: its default port (8000) is shared
     return [*head, "serve", "--repo", str(repo), "--host", "127.0.0.1", *ports, *args]
 
 

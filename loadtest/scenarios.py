@@ -8,6 +8,7 @@
 - ``perf-analyzer``: perf_analyzer at concurrency 1/4/16/64 (identity, CNN) and the CNN's ceiling
 - ``bare-baseline``: tensorwire against a bare grpc.aio server, unary and streaming, with server CPU
 - ``many-connections``: several perf_analyzer processes at once against each server
+- ``http-frontend``: HTTP/REST next to gRPC on one server (perf_analyzer ``-i http`` and ``-i grpc``)
 - ``int8-served``: the INT8 CNN against the FP32 one, served and in process
 - ``sdk-overhead``: the client SDK against the raw gRPC stub; streams against unary calls
 - ``trainer-int8``: the trainer's INT8 and DDP table (``python -m tensorwire.trainer.bench_int8``)
@@ -27,7 +28,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tensorwire.loadtest import report
+from tensorwire.loadtest import frontends, report
 from tensorwire.loadtest.ceiling import latest_model_file, measure_ceiling, measure_model_ceiling
 from tensorwire.loadtest.harness import (
     BARE,
@@ -1023,6 +1024,16 @@ register(
         render_many_connections,
         needs=("perf_analyzer",),
         minutes=1,
+    )
+)
+register(
+    Scenario(
+        "http-frontend",
+        "HTTP/REST next to gRPC (perf_analyzer, one server)",
+        frontends.measure,
+        frontends.render,
+        needs=("perf_analyzer",),
+        minutes=2,
     )
 )
 register(

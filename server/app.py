@@ -1,8 +1,19 @@
-"""Assemble and run the server: gRPC (inference, health, reflection), metrics, signals, drain.
+"""Assemble and run the server: two front-ends over one data plane, metrics, signals, drain.
 
-Shutdown: on SIGTERM/SIGINT, at any moment (the start-up load included), readiness and health flip to
-NOT_SERVING first and no model is loaded any more; the server keeps serving for ``drain_seconds`` so load
-balancers notice; then new inference is refused with UNAVAILABLE, everything accepted is finished (up to
+The engine (the ModelManager: models, batchers, replicas) sits behind a ``LocalEngine``; one ``DataPlane``
+holds the request rules; the gRPC front-end (inference, health, reflection) and the HTTP/REST front-end
+(``http_port``; 0 disables it) only convert their wire formats. Both share the event loop.
+
+Health: liveness and readiness mean different things. Live = the process serves requests, also while
+models load and while it drains (gRPC health service ``""``, ``ServerLive``, HTTP ``/v2/health/live``):
+a liveness probe must never restart a pod that is busy loading or shutting down cleanly. Ready = the
+start-up load is done, the server is not draining and the models are ready (strict readiness by default)
+(gRPC health service ``inference.GRPCInferenceService``, ``ServerReady``, HTTP ``/v2/health/ready``);
+each model's name is a health service too (that model has a READY version and the server is not draining).
+
+Shutdown: on SIGTERM/SIGINT, at any moment (the start-up load included), readiness flips to NOT_SERVING
+first and no model is loaded any more; the server keeps serving for ``drain_seconds`` so load balancers
+notice; then new inference is refused with UNAVAILABLE, everything accepted is finished (up to
 ``grace_seconds``, a hung model included: its replicas are abandoned), and the process exits 0. Loads
 still running in their threads are abandoned too; nothing keeps the process past the grace period.
 
@@ -17,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +40,9 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from tensorwire.proto.service import SERVICE_NAME, standard_descriptor_pool
 from tensorwire.server.auth import TokenAuthInterceptor
 from tensorwire.server.budget import InflightBudget, default_budget_bytes
+from tensorwire.server.dataplane import DataPlane
+from tensorwire.server.engine import LocalEngine
+from tensorwire.server.http_frontend import HttpFrontend
 from tensorwire.server.manager import ModelManager
 from tensorwire.server.metrics_http import start_metrics_server
 from tensorwire.server.servicer import Servicer
@@ -46,6 +61,7 @@ class ServerSettings:
     repo: Path
     host: str = "0.0.0.0"
     grpc_port: int = 8001
+    http_port: int = 8000  # the v2 REST front-end (Triton's default port); 0 disables it
     metrics_port: int = 8002  # 0 disables the metrics endpoint
     max_message_bytes: int = MAX_MESSAGE_BYTES  # capped at max_inflight_bytes
     max_inflight_bytes: int | None = None  # None: default_budget_bytes() (a quarter of the memory limit)
@@ -57,6 +73,20 @@ class ServerSettings:
     grace_seconds: float = 30.0
     poll_seconds: float = 0.0  # 0: explicit model control only
     strict_readiness: bool = True  # ServerReady needs every model READY (Triton's default)
+
+
+def http_ssl_context(settings: ServerSettings) -> ssl.SSLContext | None:
+    """The HTTP front-end's TLS context: the gRPC port's certificate and key; with a client CA, client
+    certificates are verified when presented (CERT_OPTIONAL) and required by the front-end on every path but
+    health, so that Kubernetes' HTTPS probes (which present none) still reach /v2/health/*."""
+    if not (settings.tls_cert and settings.tls_key):
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    if settings.tls_client_ca:
+        context.load_verify_locations(cafile=str(settings.tls_client_ca))
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
 
 
 def reflection_pool() -> descriptor_pool.DescriptorPool:
@@ -86,7 +116,10 @@ class InferenceServer:
             settings.repo, self.metrics, settings.grace_seconds, strict_readiness=settings.strict_readiness
         )
         self.health = health.aio.HealthServicer()
-        self.servicer = Servicer(self.manager, on_repository_change=self._sync_health, budget=self.budget)
+        self.engine = LocalEngine(self.manager)
+        self.dataplane = DataPlane(self.engine, self.budget, on_repository_change=self._sync_health)
+        self.servicer = Servicer(self.dataplane)
+        self.http: HttpFrontend | None = None
         self._stopping = asyncio.Event()
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
@@ -118,31 +151,37 @@ class InferenceServer:
             (health_handler(self.health, refuse), reflection_handler(services, reflection_pool(), refuse))
         )
         address = f"{s.host}:{s.grpc_port}"
-        if s.tls_cert and s.tls_key:
-            credentials = grpc.ssl_server_credentials(
-                [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
-                root_certificates=s.tls_client_ca.read_bytes() if s.tls_client_ca else None,
-                require_client_auth=s.tls_client_ca is not None,
-            )
-            bound = server.add_secure_port(address, credentials)
-        else:
-            bound = server.add_insecure_port(address)
+        try:
+            if s.tls_cert and s.tls_key:
+                credentials = grpc.ssl_server_credentials(
+                    [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
+                    root_certificates=s.tls_client_ca.read_bytes() if s.tls_client_ca else None,
+                    require_client_auth=s.tls_client_ca is not None,
+                )
+                bound = server.add_secure_port(address, credentials)
+            else:
+                bound = server.add_insecure_port(address)
+        except RuntimeError as err:  # grpcio's "Failed to bind to address ..."
+            raise OSError(f"cannot listen on {address} (--grpc-port): {err}") from err
         if not bound:
-            raise OSError(f"cannot listen on {address}")
+            raise OSError(f"cannot listen on {address} (--grpc-port)")
         return server
 
     def _sync_health(self) -> None:
-        """Health statuses: '' and the service for the server; each model by name. Also drops the
-        statistics and metric series of versions no longer served."""
-        serving = self.servicer.started and not self.servicer.draining
+        """Health statuses: '' is liveness (SERVING while the process serves), the inference service's name
+        readiness, each model's name that model's readiness. Also drops the statistics and metric series of
+        versions no longer served."""
+        dataplane = self.dataplane
+        serving = dataplane.started and not dataplane.draining
         status = health_pb2.HealthCheckResponse
-        server_status = status.SERVING if serving and self.manager.models_ready() else status.NOT_SERVING
+        live = status.SERVING if dataplane.live() else status.NOT_SERVING
+        ready = status.SERVING if dataplane.ready() else status.NOT_SERVING
         loop = asyncio.get_running_loop()
-        updates = {"": server_status, SERVICE_NAME: server_status}
+        updates = {"": live, SERVICE_NAME: ready}
         names = {name for name, *_ in self.manager.index(repository_models=False)}
         for name in names | self._health_names:
-            ready = bool(self.manager.ready_versions(name)) and serving
-            updates[name] = status.SERVING if ready else status.NOT_SERVING
+            model_ready = bool(self.manager.ready_versions(name)) and serving
+            updates[name] = status.SERVING if model_ready else status.NOT_SERVING
         self._health_names |= names
         for name, value in updates.items():
             loop.create_task(self.health.set(name, value))
@@ -168,11 +207,27 @@ class InferenceServer:
         self.manager.announce()
         self._server = self._build()
         await self._server.start()
+        if self.settings.http_port:
+            s = self.settings
+            self.http = HttpFrontend(
+                self.dataplane,
+                self.max_message_bytes,
+                auth_token=s.auth_token,
+                ssl_context=http_ssl_context(s),
+                client_certificate_required=s.tls_client_ca is not None,
+            )
+            try:
+                await self.http.start(s.host, s.http_port)
+            except OSError as err:
+                await self._server.stop(None)
+                raise OSError(f"cannot listen on {s.host}:{s.http_port} (--http-port): {err}") from err
+        self._tasks.append(loop.create_task(self._health_loop()))
         log.info(
-            "event=listening grpc=%s:%d metrics_port=%d tls=%s auth=%s strict_readiness=%s "
+            "event=listening grpc=%s:%d http_port=%d metrics_port=%d tls=%s auth=%s strict_readiness=%s "
             "max_inflight_bytes=%d max_message_bytes=%d",
             self.settings.host,
             self.settings.grpc_port,
+            self.settings.http_port,
             self.settings.metrics_port,
             bool(self.settings.tls_cert),
             bool(self.settings.auth_token),
@@ -184,8 +239,8 @@ class InferenceServer:
         stopping = loop.create_task(self._stopping.wait())
         await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not self._stopping.is_set():
-            self.servicer.started = True
-            self._tasks.append(loop.create_task(self._health_loop()))
+            self.dataplane.started = True
+            self._sync_health()
             if self.settings.poll_seconds:
                 self._tasks.append(loop.create_task(self.manager.poll(self.settings.poll_seconds)))
             log.info("event=ready models=%s", [f"{n}:{v}:{s}" for n, v, s, _ in self.manager.index()])
@@ -201,7 +256,7 @@ class InferenceServer:
         s = self.settings
         loop = asyncio.get_running_loop()
         log.info("event=draining drain_seconds=%.1f grace_seconds=%.1f", s.drain_seconds, s.grace_seconds)
-        self.servicer.draining = True
+        self.dataplane.draining = True
         self.manager.draining = True  # from now on nothing is loaded; loads in flight roll back
         self._sync_health()
         await asyncio.sleep(s.drain_seconds)  # still serving: let load balancers see NOT_SERVING
@@ -210,5 +265,7 @@ class InferenceServer:
         deadline = loop.time() + s.grace_seconds
         await self.manager.drain_all(s.grace_seconds)
         assert self._server is not None
+        if self.http is not None:
+            await self.http.stop()
         await self._server.stop(grace=max(0.1, min(1.0, deadline - loop.time())))
         log.info("event=stopped")

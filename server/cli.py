@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import logging
 import os
 import socket
@@ -19,7 +18,7 @@ TOKEN_ENV = "TENSORWIRE_AUTH_TOKEN"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tensorwire serve",
-        description="Serve every model in a repository over gRPC (Open Inference Protocol / KServe v2).",
+        description="Serve every model in a repository over gRPC and HTTP/REST (Open Inference Protocol / KServe v2).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
@@ -30,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (127.0.0.1 for local only)")
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (inference, health, reflection)")
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="HTTP/REST port (KServe v2 REST and Triton's binary-tensor extension, health at /v2/health/*); 0 disables",
+    )
     parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics HTTP port; 0 disables")
     parser.add_argument(
         "--max-message-bytes",
@@ -104,12 +109,18 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
             raise SystemExit(f"tensorwire serve: error: {args.auth_token_file} is empty")
     if args.max_inflight_bytes is not None and args.max_inflight_bytes <= 0:
         raise SystemExit("tensorwire serve: error: --max-inflight-bytes must be positive")
+    for flag, port in (("--grpc-port", args.grpc_port), ("--http-port", args.http_port)):
+        if not 0 <= port <= 65535:
+            raise SystemExit(f"tensorwire serve: error: {flag} must be a TCP port (0-65535), got {port}")
+    if args.http_port and args.http_port in (args.grpc_port, args.metrics_port):
+        raise SystemExit("tensorwire serve: error: --http-port must differ from --grpc-port and --metrics-port")
     if not args.repo.is_dir():
         raise SystemExit(f"tensorwire serve: error: repository {args.repo} is not a folder")
     return ServerSettings(
         repo=args.repo,
         host=args.host,
         grpc_port=args.grpc_port,
+        http_port=args.http_port,
         metrics_port=args.metrics_port,
         max_message_bytes=args.max_message_bytes,
         max_inflight_bytes=args.max_inflight_bytes,
@@ -155,9 +166,13 @@ def check_ports(settings: ServerSettings) -> None:
     """One line naming the port and the option to change it, instead of a traceback, when a port is taken.
 
     Raises:
-        SystemExit: with that line, when the gRPC or the metrics port cannot be bound.
+        SystemExit: with that line, when the gRPC, HTTP or metrics port cannot be bound.
     """
-    ports = [(settings.grpc_port, "gRPC", "--grpc-port"), (settings.metrics_port, "metrics", "--metrics-port")]
+    ports = [
+        (settings.grpc_port, "gRPC", "--grpc-port"),
+        (settings.http_port, "HTTP", "--http-port"),
+        (settings.metrics_port, "metrics", "--metrics-port"),
+    ]
     for port, what, option in ports:
         why = _port_taken(settings.host, port) if port else None
         if why:
@@ -175,20 +190,10 @@ def main(argv: list[str]) -> int:
     check_ports(settings)
     try:
         code = asyncio.run(InferenceServer(settings).run())
-    except RuntimeError as error:  # grpc: "Failed to bind to address ..." (taken since check_ports)
-        if "Failed to bind" not in str(error):
-            raise
-        raise SystemExit(
-            _listen_error(settings.host, settings.grpc_port, "gRPC", "--grpc-port", "address already in use")
-        ) from None
-    except OSError as error:  # the metrics server's bind (taken since check_ports)
-        if error.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
-            raise
-        raise SystemExit(
-            _listen_error(
-                settings.host, settings.metrics_port, "metrics", "--metrics-port", (error.strerror or "").lower()
-            )
-        ) from None
+    except OSError as err:  # a port taken or not ours to bind: one line, not a traceback
+        logging.getLogger("tensorwire.server").error("event=start_failed error=%r", str(err))
+        print(f"tensorwire serve: error: {err}", file=sys.stderr)
+        code = 1
     # A model stuck in native code leaves its (daemon) thread behind; end the process now rather than let
     # interpreter shutdown wait on or trip over it.
     logging.shutdown()

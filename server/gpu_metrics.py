@@ -39,6 +39,10 @@ def _load_nvml() -> Any | None:
     return pynvml
 
 
+#: The families this collector yields (per GPU, only where NVML finds one): utilisation, memory used, total.
+FAMILIES = ("tensorwire_gpu_utilization", "tensorwire_gpu_memory_used_bytes", "tensorwire_gpu_memory_total_bytes")
+
+
 class GpuCollector(Collector):
     """A Prometheus collector of per-GPU utilisation and memory; empty where NVML is unavailable."""
 
@@ -64,10 +68,10 @@ class GpuCollector(Collector):
             return
         labels = ["gpu", "uuid"]
         utilization = GaugeMetricFamily(
-            "tensorwire_gpu_utilization", "Fraction of the last sample period a kernel ran (0-1)", labels=labels
+            FAMILIES[0], "Fraction of the last sample period a kernel ran (0-1)", labels=labels
         )
-        used = GaugeMetricFamily("tensorwire_gpu_memory_used_bytes", "GPU memory in use", labels=labels)
-        total = GaugeMetricFamily("tensorwire_gpu_memory_total_bytes", "GPU memory in all", labels=labels)
+        used = GaugeMetricFamily(FAMILIES[1], "GPU memory in use", labels=labels)
+        total = GaugeMetricFamily(FAMILIES[2], "GPU memory in all", labels=labels)
         try:
             count = nvml.nvmlDeviceGetCount()
         except nvml.NVMLError:

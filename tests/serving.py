@@ -22,10 +22,18 @@ RunningServer = ServerProcess
 
 @contextlib.contextmanager
 def running_server(
-    repo: Path, *args: str, ready_timeout: float = 120, env: dict | None = None, wait: bool = True
+    repo: Path,
+    *args: str,
+    ready_timeout: float = 120,
+    env: dict | None = None,
+    wait: bool = True,
+    http: bool = False,
 ) -> Iterator[RunningServer]:
-    """Run ``tensorwire serve --repo REPO ARGS...`` on free loopback ports (gRPC and metrics) until the block
-    ends; the log is ``<repo>/../server-<port>.log``. With ``wait``, the block starts once ServerReady is true.
+    """Run ``tensorwire serve --repo REPO ARGS...`` on free loopback ports (gRPC and metrics; with ``http``
+    the HTTP/REST front-end too, at ``server.http_address``) until the block ends; the log is
+    ``<repo>/../server-<port>.log``. With ``wait``, the block starts once ServerReady is true.
     """
-    with serve(repo, *args, ready_timeout=ready_timeout, env=env, wait=wait, log_dir=Path(repo).parent) as server:
+    with serve(
+        repo, *args, ready_timeout=ready_timeout, env=env, wait=wait, http=http, log_dir=Path(repo).parent
+    ) as server:
         yield server

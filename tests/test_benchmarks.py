@@ -28,6 +28,7 @@ SERVING = [
     "perf-analyzer",
     "bare-baseline",
     "many-connections",
+    "http-frontend",
     "int8-served",
     "sdk-overhead",
 ]

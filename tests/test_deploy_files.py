@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -102,8 +103,10 @@ def test_deployment_matches_the_server_it_runs():
     container = pod["spec"]["containers"][0]
     args = serve_args(container["args"])
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": args.grpc_port, "metrics": args.metrics_port} == {"grpc": 8001, "metrics": 8002}
-    # probes: native gRPC probes on the gRPC port, liveness "" and readiness on the inference service
+    expected = {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port}
+    assert ports == expected == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    # probes: native gRPC probes on the gRPC port, liveness "" (live while loading and draining) and
+    # readiness on the inference service
     assert container["startupProbe"]["grpc"] == {"port": args.grpc_port, "service": ""}
     assert container["livenessProbe"]["grpc"] == {"port": args.grpc_port, "service": ""}
     assert container["readinessProbe"]["grpc"] == {"port": args.grpc_port, "service": "inference.GRPCInferenceService"}
@@ -123,7 +126,7 @@ def test_deployment_matches_the_server_it_runs():
     assert pod["spec"]["securityContext"]["runAsNonRoot"] and pod["spec"]["securityContext"]["runAsUser"] != 0
     # the Service reaches the named ports
     service_ports = {p["name"]: p["targetPort"] for p in docs["Service"]["spec"]["ports"]}
-    assert service_ports == {"grpc": "grpc", "metrics": "metrics"}
+    assert service_ports == {"http": "http", "grpc": "grpc", "metrics": "metrics"}
     assert docs["Service"]["spec"]["selector"] == docs["Deployment"]["spec"]["selector"]["matchLabels"]
 
 
@@ -142,24 +145,36 @@ def test_serving_runtime_has_what_kserve_requires():
     assert container["name"] == "kserve-container"  # the name KServe's controller looks for
     args = serve_args(container["args"])
     assert str(args.repo) == "/mnt/models"  # where KServe's storage initializer puts storageUri
-    assert container["ports"] == [{"name": "h2c", "containerPort": args.grpc_port, "protocol": "TCP"}]
+    # v2 REST on KServe's default port (8080), declared as the one serving port (Knative allows one)
+    assert args.http_port == 8080
+    assert container["ports"] == [{"name": "http1", "containerPort": args.http_port, "protocol": "TCP"}]
+    # HTTP probes on the serving port: liveness and readiness mean different things
+    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": args.http_port}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": args.http_port}
     assert int(spec["annotations"]["prometheus.kserve.io/port"]) == args.metrics_port
     # The container is a Kubernetes container: validate it inside a Pod against Kubernetes' schemas.
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "check"}, "spec": {"containers": [container]}}
     kubernetes_validate.validate(pod, K8S_VERSIONS[-1], strict=True)
 
 
-def test_inference_service_uses_the_runtime():
+@pytest.mark.parametrize(
+    ("file", "protocol"), [("inferenceservice.yaml", "v2"), ("inferenceservice-grpc.yaml", "grpc-v2")]
+)
+def test_inference_service_uses_the_runtime(file, protocol):
     (runtime,) = documents(KSERVE / "servingruntime.yaml")
-    (service,) = documents(KSERVE / "inferenceservice.yaml")
+    (service,) = documents(KSERVE / file)
     assert (service["apiVersion"], service["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
     assert service["metadata"]["name"]
     model = service["spec"]["predictor"]["model"]
     assert model["runtime"] == runtime["metadata"]["name"]
     assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
-    assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
-    assert model["protocolVersion"] == "grpc-v2"  # tensorwire serves v2 over gRPC
+    assert model["protocolVersion"] == protocol and protocol in runtime["spec"]["protocolVersions"]
     assert re.match(r"^(pvc|s3|gs|https?)://", model["storageUri"])
+    args = serve_args(runtime["spec"]["containers"][0]["args"])
+    if protocol == "grpc-v2":  # KServe routes HTTP/2 to the port named h2c: the runtime's gRPC port
+        assert model["ports"] == [{"name": "h2c", "containerPort": args.grpc_port, "protocol": "TCP"}]
+    else:  # v2 REST goes to the runtime's declared port
+        assert "ports" not in model
 
 
 # ------------------------------------------------------------------ Docker
@@ -177,7 +192,7 @@ def test_dockerfile_runs_the_server_as_it_should(path):
     args = serve_args(list(command.value))
     volume = only(stage, "VOLUME")
     assert volume.value == (str(args.repo),)
-    assert set(only(stage, "EXPOSE").value) == {str(args.grpc_port), str(args.metrics_port)}
+    assert set(only(stage, "EXPOSE").value) == {str(args.http_port), str(args.grpc_port), str(args.metrics_port)}
     health = only(stage, "HEALTHCHECK")
     assert health.value[0] == "CMD" and health.value[1:3] == ("tensorwire", "health")
     assert any(re.fullmatch(r"--start-period=\d+s", flag) for flag in health.flags)
@@ -211,6 +226,18 @@ def test_docker_health_check_command_passes_against_a_real_server(tmp_path):
         assert done.returncode == 0, done.stderr
     done = subprocess.run([sys.executable, "-m", "tensorwire.cli", *argv], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0  # nothing listens there any more: unhealthy
+
+
+def test_kserve_probe_paths_answer_on_a_real_server(tmp_path):
+    """The runtime's HTTP probes, sent to a real server's HTTP port: 200 once ready."""
+    (runtime,) = documents(KSERVE / "servingruntime.yaml")
+    container = runtime["spec"]["containers"][0]
+    onnx_identity(tmp_path / "models", "identity", max_batch_size=4)
+    with running_server(tmp_path / "models", http=True) as server:
+        for probe in ("livenessProbe", "readinessProbe"):
+            path = container[probe]["httpGet"]["path"]
+            with urllib.request.urlopen(f"http://{server.http_address}{path}", timeout=10) as answer:
+                assert answer.status == 200, probe
 
 
 def test_dockerignore_keeps_environments_out_of_the_build():

@@ -25,8 +25,13 @@ def test_the_server_never_imports_the_client_the_trainer_or_torch(module):
     assert "torch" not in loaded  # the TorchScript backend loads torch only when a model needs it
 
 
-def test_the_batching_core_imports_no_grpc():
-    loaded = modules_after_import("tensorwire.server.manager")
+@pytest.mark.parametrize(
+    "module",
+    ["tensorwire.server.manager", "tensorwire.server.dataplane", "tensorwire.server.http_frontend"],
+)
+def test_the_batching_core_the_data_plane_and_the_http_front_end_import_no_grpc(module):
+    """The request rules are transport-neutral: only the gRPC front-end (servicer, app) imports grpc."""
+    loaded = modules_after_import(module)
     assert not {m for m in loaded if m == "grpc" or m.startswith("grpc.")}
 
 

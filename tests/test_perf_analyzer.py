@@ -62,6 +62,26 @@ def test_several_processes_at_once_add_up(perf_analyzer, server):
     assert row["throughput_rps"] == pytest.approx(sum(pa.read_report(r)["throughput_rps"] for r in reports))
 
 
+@pytest.fixture(scope="module")
+def http_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pa-http")
+    build_repository(root / "models", models=["identity"], variants=["batched"], log=lambda *_: None)
+    with running_server(root / "models", http=True) as srv:
+        srv.extra["inputs"] = root / "perf_inputs" / "identity.json"
+        srv.extra["root"] = root
+        yield srv
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_perf_analyzer_over_http(perf_analyzer, http_server, concurrency):
+    """``-i http``: binary tensors through the HTTP front-end, statistics read from /v2/models/.../stats."""
+    row = measure(http_server, protocol="http", concurrency=concurrency, **QUICK)
+    assert row["mode"] == "http" and row["throughput_rps"] > 0
+    assert row["server_compute_us"] > 0 and row["server_queue_us"] is not None  # it read our statistics
+    assert 1 <= row["server_avg_batch"] <= concurrency
+    assert "-i http" in row["command"] and f"127.0.0.1:{http_server.http_port}" in row["command"]
+
+
 def test_http_and_streaming_arguments():
     http = pa.PerfAnalyzerRun("m", 16, protocol="http")
     args = http.args("127.0.0.1:8000", inputs=Path("m.json"), stability_pct=25)
