@@ -371,7 +371,9 @@ class DynamicBatcher:
             return "preferred"
         if self._delay_ns == 0 or rows >= self._preferred[-1]:
             return "replica_idle"
-        gap = self._gap_ns
+        # The arrival gap both rules go by: the smoothed one, or the latest when longer, so that a request
+        # arriving after a pause never waits for companions that a burst before the pause promised.
+        gap = max(self._gap_ns, self._last_gap_ns)
         if gap == float("inf"):
             return "replica_idle"  # no arrival rate measured yet: nothing to wait for
         now = time.perf_counter_ns()
@@ -385,10 +387,10 @@ class DynamicBatcher:
         if gap <= 0 or rows + (expires - now) / gap >= target:
             self._arm_delay_timer(expires)
             return None
-        if self._last_gap_ns >= self._overhead_bound_ns:
-            return "replica_idle"  # the latest gap is longer than any batch's fixed cost: no companion soon
+        if gap >= self._overhead_bound_ns:
+            return "replica_idle"  # arrivals are further apart than any batch's fixed cost
         overhead = self._batch_overhead_ns(rows)
-        if gap < overhead and self._last_gap_ns < overhead:
+        if gap < overhead:
             # Requests come faster than a batch's fixed cost: wait for companions, up to that cost.
             expires = min(expires, oldest + int(overhead))
             if now < expires:
