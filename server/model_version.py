@@ -53,7 +53,14 @@ def visible_gpus() -> int:
 
 
 def placements_for(config: ModelConfigFile, cores: int, gpus: int) -> list[Placement]:
-    """Replica placements per instance_group: GPU sets per listed GPU; CPU replicas split the cores."""
+    """Replica placements per instance_group: GPU sets per listed GPU; CPU replicas split the cores.
+
+    A CPU group without ``threads`` gets ``cores // (CPU replicas)`` intra-op threads per replica, so the
+    default group (``count = 1``) is one replica using every core. On 2 cores, the CNN reference model at
+    concurrency 64 was as fast with 1 replica x 2 threads as with 1 x 1 or 2 x 1, and 1 x 2 cost 20-28 %
+    more CPU per request at concurrency 1 (perf_analyzer, interleaved rounds; ARCHITECTURE.md, "Default
+    replicas and threads"). Larger hosts are unmeasured.
+    """
     result: list[Placement] = []
     cpu_groups = []
     for group in config.instance_group:
