@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from tensorwire.server.backends.reshape import with_reshapes
 from tensorwire.server.batcher import DynamicBatcher, InferenceRequest
 from tensorwire.server.blocking import run_blocking
 from tensorwire.server.errors import ModelLoadError, ModelUnavailableError
+from tensorwire.server.handoff import RunProfile, may_run_inline, measure_hop_ns, measure_profile
 from tensorwire.server.replicas import EncodedTensor, Executor, Replica, WorkItem, load_backends
 from tensorwire.server.signature import Signature, resolve_signature
 from tensorwire.server.stats import Metrics, ModelVersionStats
@@ -52,7 +53,14 @@ def visible_gpus() -> int:
 
 
 def placements_for(config: ModelConfigFile, cores: int, gpus: int) -> list[Placement]:
-    """Replica placements per instance_group: GPU sets per listed GPU; CPU replicas split the cores."""
+    """Replica placements per instance_group: GPU sets per listed GPU; CPU replicas split the cores.
+
+    A CPU group without ``threads`` gets ``cores // (CPU replicas)`` intra-op threads per replica, so the
+    default group (``count = 1``) is one replica using every core. On 2 cores, the CNN reference model at
+    concurrency 64 was as fast with 1 replica x 2 threads as with 1 x 1 or 2 x 1, and 1 x 2 cost 20-28 %
+    more CPU per request at concurrency 1 (perf_analyzer, interleaved rounds; ARCHITECTURE.md, "Default
+    replicas and threads"). Larger hosts are unmeasured.
+    """
     result: list[Placement] = []
     cpu_groups = []
     for group in config.instance_group:
@@ -121,6 +129,7 @@ class LoadedParts:
     placements: list[Placement]
     seconds: float
     config: ModelConfigFile  # as served: max_batch_size completed from the model file when not given
+    profile: RunProfile | None = None  # measured run time, when small batches may run on the event loop
 
     def close(self) -> None:
         """Release every backend (a load that was rolled back)."""
@@ -161,11 +170,46 @@ def load_parts(name: str, version: int, model_dir: Path, config: ModelConfigFile
             _bind(backend, signature)
         executors = [Executor(backend, signature, label) for backend in backends]
         _warm_up(executors, signature, warmup_sizes(config), label)
+        profile = _profile(executors[0], config, signature, label)
     except BaseException:
         for backend in backends:
             backend.close()
         raise
-    return LoadedParts(signature, executors, placements, time.monotonic() - started, config)
+    return LoadedParts(signature, executors, placements, time.monotonic() - started, config, profile)
+
+
+def _profile(executor: Executor, config: ModelConfigFile, signature: Signature, label: str) -> RunProfile | None:
+    """Time the model after warm-up and decide whether its small batches may run on the event loop
+    (``tensorwire.server.handoff``); None when they never may. The decision is logged."""
+    why_not = may_run_inline(config.backend or "", [executor.backend.device], signature)
+    if not why_not and config.warmup == "none":
+        why_not = 'warmup = "none": the model is not run on synthetic inputs'
+    if why_not:
+        log.info("event=handoff model=%s inline=never reason=%r", label, why_not)
+        return None
+    max_rows = config.max_batch_size if signature.batched else 1
+    items = {rows: WorkItem(synthetic_inputs(signature, rows), rows, signature.output_names) for rows in {1, max_rows}}
+
+    def run(rows: int) -> None:
+        result = executor.execute([items[rows]]).results[0]
+        if isinstance(result, Exception):
+            raise result
+
+    try:
+        profile = measure_profile(run, max_rows, measure_hop_ns())
+    except Exception as err:  # noqa: BLE001 - the model runs, just not on zeros: keep it on its thread
+        log.info("event=handoff model=%s inline=never reason=%r", label, f"profiling run failed: {err}")
+        return None
+    rows = [r for r in range(1, max_rows + 1) if profile.predict_ns(r) < profile.hop_ns]
+    log.info(
+        "event=handoff model=%s inline=%s hop_us=%.1f run_us=%.1f+%.2f/row",
+        label,
+        f"batches_up_to_{rows[-1]}_rows" if rows else "never",
+        profile.hop_ns / 1e3,
+        profile.fixed_ns / 1e3,
+        profile.per_row_ns / 1e3,
+    )
+    return profile
 
 
 def _complete(config: ModelConfigFile, backend: object, label: str) -> ModelConfigFile:
@@ -248,10 +292,12 @@ class ModelVersion:
         self.loop = loop
         self.path = path
         self._timeout_s = config.execution_timeout_s
+        self.profile = parts.profile
         self.replicas = [
-            Replica(i, executor, placement, loop, self._timeout_s, self._on_replica_lost)
+            Replica(i, executor, placement, loop, self._timeout_s, self._on_replica_lost, self._own_profile())
             for i, (executor, placement) in enumerate(zip(parts.executors, parts.placements, strict=True))
         ]
+        self._live = True
         self.stats = ModelVersionStats(metrics, name, version)
         self.batcher = DynamicBatcher(
             self.label, config.max_batch_size, config.dynamic_batching, self.replicas, self.stats, loop
@@ -265,12 +311,19 @@ class ModelVersion:
             t.name for t in self.signature.inputs if t.datatype == "BYTES" and config.backend == "onnxruntime"
         )
 
+    def _own_profile(self) -> RunProfile | None:
+        """A replica's copy of the measured profile (each corrects its own prediction)."""
+        return None if self.profile is None else replace(self.profile)
+
     # ------------------------------------------------------------ serving
 
     @property
     def live(self) -> bool:
-        """Whether at least one replica can run work (false while every replica is being replaced)."""
-        return any(replica.alive for replica in self.replicas)
+        """Whether at least one replica can run work (false while every replica is being replaced).
+
+        Read for every request (readiness), so it is kept up to date when a replica is lost or replaced
+        rather than recomputed."""
+        return self._live
 
     def liveness_reason(self) -> str:
         """Why no replica is live ('' when one is)."""
@@ -292,6 +345,7 @@ class ModelVersion:
     # -------------------------------------------------------- replacement
 
     def _on_replica_lost(self, replica: Replica) -> None:
+        self._live = any(r.alive for r in self.replicas)
         if self.retiring or self.path is None:
             return
         task = self.loop.create_task(self._replace(replica))
@@ -323,8 +377,17 @@ class ModelVersion:
             if self.retiring:
                 run_blocking(executor.backend.close, name=f"close-{self.label}")
                 return
-            new = Replica(old.index, executor, old.placement, self.loop, self._timeout_s, self._on_replica_lost)
+            new = Replica(
+                old.index,
+                executor,
+                old.placement,
+                self.loop,
+                self._timeout_s,
+                self._on_replica_lost,
+                self._own_profile(),
+            )
             self.replicas[self.replicas.index(old)] = new
+            self._live = True
             self.replacement_error = ""
             self.batcher.replace_replica(old, new)
             log.info("event=replica_replaced model=%s replica=%d", self.label, old.index)

@@ -1,14 +1,17 @@
 """Replicas: each owns one backend session and one worker thread.
 
 The event loop hands a replica a whole batch; the replica's thread does the expensive part (concatenate
-inputs, run the model, check, split and encode outputs) and reports back to the loop once per batch. The
-loop never runs model code or big copies.
+inputs, run the model, check, split and encode outputs) and reports back to the loop once per batch. A
+model measured to run faster than that hand-off (``handoff.RunProfile``) has its small batches run on the
+loop instead (``run_inline``); slow models, and models whose code can block, never do.
 
 Liveness: nothing a model does ends a replica's thread silently. Every exception (``SystemExit`` and
 other ``BaseException`` included) becomes that batch's failure. A batch that runs past the model's
 execution timeout is failed from the event loop; the replica is then marked lost (``alive`` false), its
 thread abandoned (a native call cannot be interrupted; a Python model's process is killed), and its
-owner builds a replacement (``on_lost``).
+owner builds a replacement (``on_lost``). One watchdog timer per replica serves every batch: it is armed
+when a batch goes out and none is armed, and when it fires it either fails the batch that has run past the
+timeout or re-arms for the running batch's own limit (no timer is created and cancelled per batch).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from tensorwire.proto.codec import NUMPY_DTYPES, CodecError, encode_raw
 from tensorwire.server.backends import Backend, Placement, create_backend
 from tensorwire.server.backends.base import BackendCrashed, RequestDataError
 from tensorwire.server.errors import BackendError, ExecutionTimeoutError, InvalidRequestError, ServingError
+from tensorwire.server.handoff import RunProfile
 from tensorwire.server.signature import Signature
 
 log = logging.getLogger("tensorwire.replica")
@@ -95,6 +99,10 @@ class Executor:
         self._input_names = [t.name for t in signature.inputs]
         self._output_names = signature.output_names
         self._datatypes = {t.name: t.datatype for t in signature.outputs}
+        # Per output, what _check_outputs compares: the served dims (after any batch dimension) and
+        # whether they are all fixed (then one tuple comparison checks them).
+        self._expected = [(t, tuple(t.dims), -1 not in t.dims) for t in signature.outputs]
+        self._dtype_fits: dict[tuple[str, np.dtype], bool] = {}  # (output, dtype) -> _datatype_fits
 
     def execute(self, items: Sequence[WorkItem]) -> BatchOutcome:
         """Run one batch and answer each item with its own rows of each output it asked for.
@@ -110,7 +118,7 @@ class Executor:
         """
         timings = BatchTimings()
         t0 = time.perf_counter_ns()
-        rows = sum(item.rows for item in items)
+        rows = items[0].rows if len(items) == 1 else sum(item.rows for item in items)
         try:
             feeds = _concatenate(items, self._input_names)
             t1 = time.perf_counter_ns()
@@ -165,18 +173,29 @@ class Executor:
     def _check_outputs(self, outputs: dict[str, np.ndarray], rows: int) -> None:
         """Every output exists, fits its datatype and has the served shape (``rows`` first when batched)."""
         sig = self.signature
-        for tensor in sig.outputs:
+        batched = sig.batched
+        for tensor, dims, fixed in self._expected:
             array = outputs.get(tensor.name)
             if not isinstance(array, np.ndarray):
                 raise ModelOutputError(f"model {self.label} returned no array for output {tensor.name!r}")
-            expected = ([rows] if sig.batched else []) + list(tensor.dims)
-            shape = list(array.shape)
-            if len(shape) != len(expected) or any(e not in (-1, s) for e, s in zip(expected, shape, strict=True)):
+            shape = array.shape
+            if batched:
+                fits = len(shape) == len(dims) + 1 and shape[0] == rows
+                served = shape[1:]
+            else:
+                fits, served = len(shape) == len(dims), shape
+            if fits and not (served == dims if fixed else all(e in (-1, s) for e, s in zip(dims, served, strict=True))):
+                fits = False
+            if not fits:
                 raise ModelOutputError(
-                    f"model {self.label} returned output {tensor.name!r} with shape {shape} for a batch of "
+                    f"model {self.label} returned output {tensor.name!r} with shape {list(shape)} for a batch of "
                     f"{rows} rows; its signature says {sig.served_shape(tensor)}"
                 )
-            if not _datatype_fits(array.dtype, tensor.datatype):
+            key = (tensor.name, array.dtype)
+            ok = self._dtype_fits.get(key)
+            if ok is None:
+                ok = self._dtype_fits[key] = _datatype_fits(array.dtype, tensor.datatype)
+            if not ok:
                 raise ModelOutputError(
                     f"model {self.label} returned output {tensor.name!r} as {array.dtype}; its signature "
                     f"says {tensor.datatype}"
@@ -214,18 +233,23 @@ class Replica:
         loop: asyncio.AbstractEventLoop,
         execution_timeout_s: float = 0.0,
         on_lost: Callable[[Replica], None] | None = None,
+        profile: RunProfile | None = None,
     ) -> None:
         self.index = index
         self.executor = executor
         self.placement = placement
         self.device = executor.backend.device
+        self.busy_key = (self.device, str(index))  # its labels in the replica busy-time metric
         self.alive = True  # false once lost (timed out); a lost replica never gets another batch
         self.lost_reason = ""
+        #: The measured run time, when small batches of this model may run on the loop (None: never).
+        self.profile = profile
         self._loop = loop
         self._timeout_s = execution_timeout_s
         self._on_lost = on_lost
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._current: tuple[object, Sequence[WorkItem], Callback] | None = None
+        # (token, items, done, loop time it went out) of the batch on the thread
+        self._current: tuple[object, Sequence[WorkItem], Callback, float] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._stopping = False
         self._stopped: asyncio.Future = loop.create_future()
@@ -236,13 +260,47 @@ class Replica:
     def busy(self) -> bool:
         return self._current is not None
 
+    def inline(self, rows: int) -> bool:
+        """Whether a batch of ``rows`` rows is cheaper to run on the event loop than to hand over."""
+        profile = self.profile
+        return profile is not None and profile.inline(rows)
+
+    def run_inline(self, items: Sequence[WorkItem]) -> BatchOutcome:
+        """Run a batch right here, on the event loop (for batches ``inline`` chose); never raises.
+
+        The replica must be idle (the batcher gives a replica one batch at a time). Runs that cost far
+        more CPU than the profile predicted send the model back to its thread (``RunProfile.observe``)."""
+        profile = self.profile
+        suspect = profile is not None and profile.suspect
+        cpu_started = time.thread_time_ns() if suspect else 0
+        started = time.perf_counter_ns()
+        try:
+            outcome = self.executor.execute(items)
+        except BaseException as err:  # noqa: BLE001 - a model failure is the batch's, never the loop's
+            outcome = BatchOutcome([self.executor._failure(err) for _ in items])
+        wall_ns = time.perf_counter_ns() - started
+        cpu_ns = time.thread_time_ns() - cpu_started if suspect else None
+        if profile is None:
+            return outcome
+        rows = items[0].rows if len(items) == 1 else sum(item.rows for item in items)
+        if profile.observe(rows, wall_ns, cpu_ns):
+            log.warning(
+                "event=handoff model=%s replica=%d inline=off reason='inline runs took %.0f us of CPU, far more "
+                "than measured at load; batches go to the replica thread from now on'",
+                self.executor.label,
+                self.index,
+                (cpu_ns or wall_ns) / 1e3,
+            )
+        return outcome
+
     def submit(self, items: Sequence[WorkItem], done: Callback) -> None:
-        """Queue a batch (on the event loop); ``done(replica, outcome)`` runs on the loop exactly once,
-        when the batch finishes or when it runs past the execution timeout, whichever is first."""
+        """Queue a batch for the thread (on the event loop); ``done(replica, outcome)`` runs on the loop
+        exactly once, when the batch finishes or when it runs past the execution timeout, whichever is
+        first."""
         token = object()
-        self._current = (token, items, done)
-        if self._timeout_s > 0:
-            self._timer = self._loop.call_later(self._timeout_s, self._on_timeout, token)
+        self._current = (token, items, done, self._loop.time())
+        if self._timeout_s > 0 and self._timer is None:
+            self._timer = self._loop.call_later(self._timeout_s, self._on_timeout)
         self._jobs.put((token, items))
 
     def _work(self) -> None:
@@ -276,18 +334,20 @@ class Replica:
         current = self._current
         if current is None or current[0] is not token:
             return  # already answered by the timeout
-        self._current = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._current = None  # the watchdog stays armed: it finds no batch, or the next one, when it fires
         current[2](self, outcome)
 
-    def _on_timeout(self, token: object) -> None:
+    def _on_timeout(self) -> None:
+        self._timer = None
         current = self._current
-        if current is None or current[0] is not token:
+        if current is None:
+            return  # idle: the next batch arms it again
+        left_s = current[3] + self._timeout_s - self._loop.time()
+        if left_s > 0:  # a later batch than the one that armed it: wait for its own limit
+            self._timer = self._loop.call_later(left_s, self._on_timeout)
             return
-        self._current, self._timer = None, None
-        _, items, done = current
+        self._current = None
+        _, items, done, _ = current
         self.alive = False
         self.lost_reason = (
             f"replica {self.index} ran a batch past execution_timeout_s ({self._timeout_s:g} s) and is being replaced"
@@ -315,10 +375,7 @@ class Replica:
         if current is None:
             return
         self._current = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        _, items, done = current
+        _, items, done, _ = current
         done(self, BatchOutcome([make_error() for _ in items]))
 
     def abort(self) -> None:

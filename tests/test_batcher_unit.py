@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tensorwire.proto.codec import decode_raw
 from tensorwire.repository import DynamicBatching
 from tensorwire.server.backends import Placement
 from tensorwire.server.batcher import DynamicBatcher, InferenceRequest, shape_key
 from tensorwire.server.errors import DeadlineExceededError, ModelUnavailableError, QueueFullError
+from tensorwire.server.handoff import RunProfile, may_run_inline, measure_profile
 from tensorwire.server.replicas import Executor, Replica, WorkItem
 from tensorwire.server.signature import Signature, TensorSig
 from tensorwire.server.stats import Metrics, ModelVersionStats
@@ -287,3 +291,215 @@ def test_executor_splits_outputs_for_unbatched_single_request():
     ((name, datatype, shape, raw),) = outcome.results[0]
     assert (name, datatype, shape) == ("ID_OUT", "INT64", [2, 1])
     assert outcome.timings.executions == 1
+
+
+# ------------------------------------------------------------------ hand-off, adaptive wait, lean path
+
+
+class CpuBackend(FakeBackend):
+    """A FakeBackend that burns ``cpu_s`` of CPU per run (not a sleep: its CPU time is what counts)."""
+
+    def __init__(self, cpu_s: float = 0.0) -> None:
+        super().__init__()
+        self.cpu_s = cpu_s
+        self.threads: list[str] = []
+
+    def run(self, inputs, output_names):
+        self.threads.append(threading.current_thread().name)
+        started = time.thread_time()
+        while time.thread_time() - started < self.cpu_s:
+            pass
+        return super().run(inputs, output_names)
+
+
+def profiled_batcher(backend, loop, profile: RunProfile | None, replicas: int = 1, **settings) -> DynamicBatcher:
+    pool = [
+        Replica(i, Executor(backend, SIG, "fake:1"), Placement(), loop, profile=replace(profile) if profile else None)
+        for i in range(replicas)
+    ]
+    stats = ModelVersionStats(Metrics(), "fake", 1)
+    return DynamicBatcher("fake:1", SIG.max_batch_size, DynamicBatching(**settings), pool, stats, loop)
+
+
+def test_profile_chooses_inline_only_for_a_model_faster_than_the_hop():
+    fast = measure_profile(lambda rows: None, 16, hop_ns=1_000_000)  # nothing to run: far below 1 ms
+    assert fast.inline(1) and fast.inline(16)
+    slow = measure_profile(lambda rows: time.sleep(0.002), 16, hop_ns=50_000)
+    assert not slow.inline(1) and not slow.inline(16)
+    # A line through the batch of 1 and the largest batch: big batches of a cheap model go to the thread.
+    line = RunProfile(fixed_ns=5_000, per_row_ns=1_000, hop_ns=20_000)
+    assert line.inline(14) and not line.inline(15)
+
+
+def test_models_that_may_block_or_vary_never_run_inline():
+    sig = SIG  # X has a variable dimension
+    fixed = Signature(inputs=(TensorSig("X", "FP32", (3,)),), outputs=(TensorSig("Y", "FP32", (3,)),), max_batch_size=8)
+    assert may_run_inline("python", ["cpu"], fixed)
+    assert may_run_inline("onnxruntime", ["cuda:0"], fixed)
+    assert may_run_inline("onnxruntime", ["cpu"], sig)
+    strings = Signature(inputs=(TensorSig("S", "BYTES", (1,)),), outputs=fixed.outputs, max_batch_size=8)
+    assert may_run_inline("onnxruntime", ["cpu"], strings)
+    assert may_run_inline("onnxruntime", ["cpu"], fixed) == ""
+
+
+def test_a_fast_model_runs_inside_submit_on_the_loop_and_a_slow_one_on_its_thread():
+    async def scenario(profile):
+        backend = CpuBackend()
+        batcher = profiled_batcher(backend, asyncio.get_running_loop(), profile)
+        future = batcher.submit(make_request(1))
+        done_at_once = future.done()  # no call_soon round trip: the batch ran inside submit
+        await future
+        return done_at_once, backend.threads
+
+    inline = RunProfile(fixed_ns=1_000, per_row_ns=0, hop_ns=1_000_000)
+    assert run(scenario(inline)) == (True, ["MainThread"])
+    threaded = RunProfile(fixed_ns=5_000_000, per_row_ns=0, hop_ns=50_000)
+    done_at_once, threads = run(scenario(threaded))
+    assert not done_at_once and threads[0].startswith("replica-")
+    assert run(scenario(None))[1][0].startswith("replica-")  # no profile: never inline
+
+
+def test_requests_arriving_together_share_a_batch_even_when_the_model_runs_inline():
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        backend = CpuBackend()
+        batcher = profiled_batcher(backend, loop, RunProfile(fixed_ns=1_000, per_row_ns=0, hop_ns=1_000_000))
+        loop.call_soon(lambda: None)  # the loop has more to do in this iteration: the batch forms at its end
+        futures = [batcher.submit(make_request(i)) for i in range(5)]
+        assert not any(f.done() for f in futures)
+        await asyncio.gather(*futures)
+        return backend.batches
+
+    assert run(scenario()) == [[0, 1, 2, 3, 4]]
+
+
+def test_inline_runs_that_cost_far_more_cpu_than_measured_send_the_model_to_its_thread():
+    async def scenario():
+        backend = CpuBackend(cpu_s=0.004)  # measured (below) at 1 µs; each run costs 4 ms of CPU
+        batcher = profiled_batcher(backend, asyncio.get_running_loop(), RunProfile(1_000, 0, hop_ns=20_000))
+        for i in range(8):
+            await batcher.submit(make_request(i))
+        return backend.threads, batcher._replicas[0].profile.demoted
+
+    threads, demoted = run(scenario())
+    assert demoted
+    assert threads[:4] == ["MainThread"] * 4  # the first slow run by the clock, then three by CPU time
+    assert all(name.startswith("replica-") for name in threads[4:])
+
+
+def test_the_adaptive_wait_never_delays_a_lone_request():
+    """Even with a huge measured batch overhead (a batch may wait up to 200 ms) and a long
+    max_queue_delay_us, a request that arrives alone (the first, or the first after a pause that
+    followed a burst) goes out at once."""
+
+    async def scenario():
+        backend = FakeBackend()
+        slow_hop = RunProfile(fixed_ns=200_000_000, per_row_ns=0, hop_ns=1)  # never inline, overhead 200 ms
+        batcher = profiled_batcher(backend, asyncio.get_running_loop(), slow_hop, max_queue_delay_us=1_000_000)
+        waits = []
+        started = time.perf_counter()
+        await batcher.submit(make_request(1))
+        waits.append(time.perf_counter() - started)
+        await asyncio.gather(*(batcher.submit(make_request(i)) for i in range(2, 12)))  # a burst
+        await asyncio.sleep(0.25)  # a pause longer than the overhead
+        started = time.perf_counter()
+        await batcher.submit(make_request(99))
+        waits.append(time.perf_counter() - started)
+        return waits, backend.batches[-1]
+
+    waits, last = run(scenario())
+    assert max(waits) < 0.15, waits
+    assert last == [99]
+
+
+def test_the_adaptive_wait_collects_companions_when_requests_come_faster_than_a_batch_costs():
+    """Twelve requests 2 ms apart, a batch costing 60 ms (measured) and max_queue_delay_us 20 ms: with
+    the measured overhead they wait (up to the 20 ms) for companions; without a measurement they go one
+    by one, as the replica is idle each time (Triton's rule expects too few in 20 ms to fill a batch).
+    """
+
+    async def scenario(profile):
+        backend = FakeBackend()
+        batcher = profiled_batcher(backend, asyncio.get_running_loop(), profile, max_queue_delay_us=20_000)
+        futures = []
+        for i in range(12):
+            futures.append(batcher.submit(make_request(i)))
+            await asyncio.sleep(0.002)
+        await asyncio.gather(*futures)
+        return max(len(b) for b in backend.batches), dict(batcher.stats.flush_reasons)
+
+    biggest, reasons = run(scenario(RunProfile(fixed_ns=60_000_000, per_row_ns=0, hop_ns=1)))
+    assert biggest >= 3 and reasons.get("delay_expired", 0) >= 1, (biggest, reasons)
+    biggest, reasons = run(scenario(None))
+    assert set(reasons) == {"replica_idle"}  # never waited (a batch of 2 only if the thread was slow to answer)
+
+
+def test_no_timer_is_armed_for_requests_without_a_deadline():
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        backend = FakeBackend(sleep=0.1)
+        batcher = make_batcher(backend, loop)
+        blocker = batcher.submit(make_request(0))
+        await asyncio.sleep(0.02)  # the replica is busy: what follows stays queued
+        timers_before = len(loop._scheduled)
+        queued = [make_request(i) for i in range(1, 41)]
+        futures = [batcher.submit(r) for r in queued]
+        timers_after = len(loop._scheduled)
+        with_deadline = make_request(99, deadline=loop.time() + 10)
+        futures.append(batcher.submit(with_deadline))
+        await asyncio.gather(blocker, *futures)
+        return timers_before, timers_after, [r.timer for r in queued], with_deadline.timer
+
+    before, after, timers, deadline_timer = run(scenario())
+    assert after == before and timers == [None] * 40
+    assert deadline_timer is not None
+
+
+def test_one_watchdog_timer_serves_every_batch_and_still_fails_a_hung_one():
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        backend = FakeBackend()
+        replica = Replica(0, Executor(backend, SIG, "fake:1"), Placement(), loop, execution_timeout_s=0.3)
+        batcher = DynamicBatcher(
+            "fake:1", 16, DynamicBatching(), [replica], ModelVersionStats(Metrics(), "fake", 1), loop
+        )
+        timers = set()
+        for i in range(20):
+            await batcher.submit(make_request(i))
+            timers.add(id(replica._timer))
+        backend.sleep = 1.0  # now a batch hangs past the 0.3 s execution timeout
+        with pytest.raises(DeadlineExceededError, match="execution_timeout_s"):
+            await batcher.submit(make_request(100))
+        return timers, replica.alive
+
+    timers, alive = run(scenario())
+    assert len(timers) == 1  # armed once for twenty batches
+    assert not alive
+
+
+def test_prometheus_series_are_built_at_scrape_time_from_the_counters():
+    metrics = Metrics(gpu=False)
+    stats = ModelVersionStats(metrics, "m", 1)
+    stats.begin()
+    stats.record_batch(3, "full", 1_000, 2_000_000, 3_000, 1, ("cpu", "0"), [(3, 500_000)])
+    stats.record_success(4_000_000)
+    text = generate_latest(metrics.registry).decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+    def at(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted({"model": "m", "version": "1", **labels}.items())))]
+
+    assert at("tensorwire_inference_count_total") == 3
+    assert at("tensorwire_execution_count_total") == 1
+    assert at("tensorwire_request_success_total") == 1
+    assert at("tensorwire_queue_duration_seconds_bucket", le="0.001") == 1  # waited 0.5 ms
+    assert at("tensorwire_queue_duration_seconds_bucket", le="0.00025") == 0
+    assert at("tensorwire_request_duration_seconds_sum") == pytest.approx(0.004)
+    assert at("tensorwire_batch_flush_total", reason="full") == 1
+    assert at("tensorwire_replica_busy_seconds_total", device="cpu", replica="0") == pytest.approx(0.002004)
+    assert metrics.retain([]) == [("m", "1")]
+    assert 'model="m"' not in generate_latest(metrics.registry).decode()

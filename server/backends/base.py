@@ -1,7 +1,8 @@
 """What every backend provides: tensor signatures, a synchronous ``run`` and ``close``.
 
-A backend instance belongs to exactly one replica and is only ever called from that replica's worker
-thread, so it needs no locking of its own. Shapes here are numpy shapes: with the batch dimension first
+A backend instance belongs to exactly one replica and runs one batch at a time, so it needs no locking of
+its own: in the replica's worker thread, or, for a model measured to be faster than that hand-off, on the
+event loop's thread (``tensorwire.server.handoff``). Shapes here are numpy shapes: with the batch dimension first
 for models served with ``max_batch_size > 0`` (the rows of every request in the batch, concatenated),
 without one for ``max_batch_size = 0``.
 """
