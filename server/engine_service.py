@@ -19,9 +19,10 @@ forms across the connections of every front-end and each device holds each model
 - answers the calls that need the engine's own state: load, unload, RepositoryIndex, ModelStatistics.
 
 An instance (one load of one version) is known to front-ends by a number, so that a request validated
-against one load's signature is never run by another: a request for an instance that is retiring is
-refused by its batcher (UNAVAILABLE, as in one process), and one for an instance that is gone gets
-UNAVAILABLE too.
+against one load's signature is never run by another with a different signature: a request that reaches
+the engine just after a reload swapped its instance out goes to the new instance when the signature is the
+same (in one process, resolving and queueing are one step, so no request sees a swap between them);
+otherwise the retiring instance refuses it (UNAVAILABLE, retry), as an unload does.
 """
 
 from __future__ import annotations
@@ -34,14 +35,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import zmq
-
 from tensorwire.server import ipc
 from tensorwire.server.batcher import InferenceRequest
 from tensorwire.server.engine import version_statistics
 from tensorwire.server.errors import ModelUnavailableError, ServingError
 from tensorwire.server.manager import ModelManager
 from tensorwire.server.model_version import ModelVersion
+from tensorwire.server.signature import Signature
 from tensorwire.server.stats import Metrics, failure_reason
 
 
@@ -56,13 +56,15 @@ log = logging.getLogger("tensorwire.engine")
 STATE_INTERVAL_S = 0.2
 #: The longest a load or unload waits for the front-ends to acknowledge the new state before it returns.
 ACK_TIMEOUT_S = 2.0
+#: Retired instances remembered for rerouting (a few per reload; older ones cannot have requests in flight).
+MAX_IDENTITIES = 4096
 
 
 @dataclass
 class FrontendLink:
-    """One connected front-end process: its index, pid and the requests it has in the engine."""
+    """One connected front-end process: its connection, index, pid and the requests it has in the engine."""
 
-    identity: bytes
+    connection: ipc.Connection
     index: int
     pid: int
     listening: bool = False
@@ -81,38 +83,41 @@ def signature_fields(version: ModelVersion) -> list:
 
 
 class EngineService:
-    """Serves ``manager``'s models to front-end processes over a ROUTER socket bound at ``address``.
+    """Serves ``manager``'s models to front-end processes connecting to the Unix socket at ``path``
+    (``start`` listens).
 
     ``metrics``: the server's one ``Metrics`` (outcomes and refusals of every front-end are recorded here).
     ``started`` and ``draining`` are published with the state. ``on_listening(index)`` runs when a
-    front-end reports that it listens on the ports.
+    front-end reports that it listens on the ports, ``on_lost(index, pid)`` when its connection ends.
     """
 
     def __init__(
         self,
         manager: ModelManager,
         metrics: Metrics,
-        address: str,
+        path: str,
         loop: asyncio.AbstractEventLoop,
         on_listening: Callable[[int], None] = lambda index: None,
     ) -> None:
         self.manager = manager
         self.metrics = metrics
+        self.path = path
         self.started = False
         self.draining = False
         self._loop = loop
         self._on_listening = on_listening
-        socket = ipc.Channel.configure(zmq.Context.instance().socket(zmq.ROUTER))
-        socket.bind(address)
-        self.channel = ipc.Channel(socket, loop, self._on_message, copy=False)
-        self.frontends: dict[bytes, FrontendLink] = {}
+        self._server: asyncio.AbstractServer | None = None
+        self.frontends: dict[ipc.Connection, FrontendLink] = {}
         self._ids = itertools.count(1)
         self._instance_ids: dict[ModelVersion, int] = {}
         self._instances: dict[int, ModelVersion] = {}
         self._definitions: dict[int, list] = {}
+        #: (name, version, signature) of every instance ever published (the latest MAX_IDENTITIES), so that a
+        #: request for an instance retired by a reload can go to its successor.
+        self._identities: dict[int, tuple[str, int, Signature]] = {}
         self._state: Any = None
         self._seq = 0
-        self._acks: dict[int, tuple[set[bytes], asyncio.Future]] = {}
+        self._acks: dict[int, tuple[set[ipc.Connection], asyncio.Future]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._handlers = {
             ipc.SUBMIT: self._submit,
@@ -126,33 +131,40 @@ class EngineService:
 
     # ---------------------------------------------------------------- messages
 
-    def _on_message(self, frames: list) -> None:
-        identity = frames[0].bytes
-        header = ipc.unpack(frames[1])
-        link = self.frontends.get(identity)
+    async def start(self) -> None:
+        """Listen on the Unix socket (its folder must be this user's alone)."""
+        self._server = await self._loop.create_unix_server(
+            lambda: ipc.Connection(self._on_message, self._on_lost), self.path
+        )
+
+    def _on_message(self, connection: ipc.Connection, header: list, frames: list) -> None:
+        link = connection.link
         if link is None and header[0] != ipc.HELLO:
-            return  # a front-end declared gone: whatever it still sent is dropped
-        self._handlers[header[0]](identity, link, header, frames)
+            return  # not introduced (or declared gone): whatever it sent is dropped
+        self._handlers[header[0]](connection, link, header, frames)
 
-    def _send(self, identity: bytes, header: list, *tensors: Any) -> None:
-        self.channel.send([identity, ipc.pack(header), *tensors])
+    def _on_lost(self, connection: ipc.Connection) -> None:
+        link = connection.link
+        if link is not None and connection in self.frontends:
+            withdrawn = self.frontend_gone(connection)
+            log.info("event=frontend_disconnected index=%d pid=%d withdrawn=%d", link.index, link.pid, withdrawn)
 
-    def _hello(self, identity: bytes, link: FrontendLink | None, header: list, frames: list) -> None:
+    def _hello(self, connection: ipc.Connection, link: FrontendLink | None, header: list, frames: list) -> None:
         _, index, pid = header
-        self.frontends[identity] = FrontendLink(identity, index, pid)
+        connection.link = self.frontends[connection] = FrontendLink(connection, index, pid)
         log.debug("event=frontend_connected index=%d pid=%d", index, pid)
-        self.publish(force_to=identity)
+        self.publish(force_to=connection)
 
-    def _listening(self, identity: bytes, link: FrontendLink, header: list, frames: list) -> None:
+    def _listening(self, connection: ipc.Connection, link: FrontendLink, header: list, frames: list) -> None:
         link.listening = True
         self._on_listening(link.index)
 
-    def _submit(self, identity: bytes, link: FrontendLink, header: list, frames: list) -> None:
-        _, rid, instance, priority, deadline, rows, outputs, request_id, arrival_ns, specs = header
-        version = self._instances.get(instance)
+    def _submit(self, connection: ipc.Connection, link: FrontendLink, header: list, frames: list) -> None:
+        _, rid, instance, latest, priority, deadline, rows, outputs, request_id, arrival_ns, specs = header
+        version = self._serving(instance, latest)
         if version is None:
             error = ModelUnavailableError("the model version this request was validated for is no longer served")
-            self._send(identity, [ipc.FAILED, rid, ipc.error_fields(error)])
+            connection.send([ipc.FAILED, rid, ipc.error_fields(error)])
             return
         batched = version.signature.batched
         batcher = version.batcher
@@ -161,7 +173,7 @@ class EngineService:
         try:
             arrays = {}
             key = []
-            for (name, dtype, shape), frame in zip(specs, frames[2:], strict=True):
+            for (name, dtype, shape), frame in zip(specs, frames, strict=True):
                 arrays[name] = ipc.tensor_from(dtype, shape, frame)
                 key.append((name, tuple(shape[1:]) if batched else tuple(shape)))
             request = InferenceRequest(
@@ -178,7 +190,7 @@ class EngineService:
             if not isinstance(err, ServingError):
                 log.error("event=submit_failed model=%s error=%r", version.label, err, exc_info=err)
             stats.record_failure(time.perf_counter_ns() - arrival_ns, _reason(err))
-            self._send(identity, [ipc.FAILED, rid, ipc.error_fields(err)])
+            connection.send([ipc.FAILED, rid, ipc.error_fields(err)])
             return
         link.pending[rid] = (request, version, arrival_ns)
         future.add_done_callback(lambda done: self._answer(link, rid, done))
@@ -191,25 +203,24 @@ class EngineService:
         error = future.exception()
         if error is not None:
             version.stats.record_failure(time.perf_counter_ns() - arrival_ns, _reason(error))
-            self._send(link.identity, [ipc.FAILED, rid, ipc.error_fields(error)])
+            link.connection.send([ipc.FAILED, rid, ipc.error_fields(error)])
             return
         outputs = future.result()
         # Counted before the answer leaves: statistics read after an answer arrived include it.
         version.stats.record_success(time.perf_counter_ns() - arrival_ns)
-        self._send(
-            link.identity,
+        link.connection.send(
             [ipc.ANSWER, rid, [[name, datatype, list(shape)] for name, datatype, shape, _ in outputs]],
             *(raw for *_, raw in outputs),
         )
 
-    def _cancel(self, identity: bytes, link: FrontendLink, header: list, frames: list) -> None:
+    def _cancel(self, connection: ipc.Connection, link: FrontendLink, header: list, frames: list) -> None:
         entry = link.pending.pop(header[1], None)
         if entry is not None:
             request, version, arrival_ns = entry
             version.batcher.cancel(request)
             version.stats.record_failure(time.perf_counter_ns() - arrival_ns, "cancelled")
 
-    def _events(self, identity: bytes, link: FrontendLink, header: list, frames: list) -> None:
+    def _events(self, connection: ipc.Connection, link: FrontendLink, header: list, frames: list) -> None:
         _, outcomes, refusals = header
         instances = self._instances
         for instance, ns, reason in outcomes:
@@ -225,32 +236,32 @@ class EngineService:
         for method, reason in refusals:
             self.metrics.refuse(method, reason)
 
-    def _ack(self, identity: bytes, link: FrontendLink, header: list, frames: list) -> None:
+    def _ack(self, connection: ipc.Connection, link: FrontendLink, header: list, frames: list) -> None:
         waiting = self._acks.get(header[1])
         if waiting is None:
             return
         missing, future = waiting
-        missing.discard(identity)
+        missing.discard(connection)
         if not missing and not future.done():
             future.set_result(None)
 
     # ------------------------------------------------------------------- calls
 
-    def _call(self, identity: bytes, link: FrontendLink, header: list, frames: list) -> None:
-        task = self._loop.create_task(self._run_call(identity, header[1], header[2], header[3]))
+    def _call(self, connection: ipc.Connection, link: FrontendLink, header: list, frames: list) -> None:
+        task = self._loop.create_task(self._run_call(connection, header[1], header[2], header[3]))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run_call(self, identity: bytes, call_id: int, op: str, args: list) -> None:
+    async def _run_call(self, connection: ipc.Connection, call_id: int, op: str, args: list) -> None:
         try:
             value = await self._perform(op, args)
         except ServingError as err:
-            self._send(identity, [ipc.RESULT, call_id, False, ipc.error_fields(err)])
+            connection.send([ipc.RESULT, call_id, False, ipc.error_fields(err)])
         except Exception as err:  # noqa: BLE001 - a bug of ours: INTERNAL, traceback to the log
             log.error("event=engine_call_failed op=%s error=%r", op, err, exc_info=err)
-            self._send(identity, [ipc.RESULT, call_id, False, ipc.error_fields(err)])
+            connection.send([ipc.RESULT, call_id, False, ipc.error_fields(err)])
         else:
-            self._send(identity, [ipc.RESULT, call_id, True, value])
+            connection.send([ipc.RESULT, call_id, True, value])
 
     async def _perform(self, op: str, args: list) -> Any:
         manager = self.manager
@@ -274,6 +285,9 @@ class EngineService:
         if instance is None:
             instance = self._instance_ids[version] = next(self._ids)
             self._instances[instance] = version
+            self._identities[instance] = (version.name, version.version, version.signature)
+            while len(self._identities) > MAX_IDENTITIES:
+                del self._identities[next(iter(self._identities))]
             self._definitions[instance] = [
                 version.name,
                 version.version,
@@ -309,6 +323,26 @@ class EngineService:
             "names": names,
         }
 
+    def _serving(self, instance: int, latest: bool) -> ModelVersion | None:
+        """The version to run a request validated against ``instance``: that instance while it takes work;
+        once a reload replaced it (the front-end resolved it a moment before the swap), the version now
+        serving the same model and version number (``latest``: the model's latest version, as the request
+        asked) if its signature is the same (the request is valid there, as it would have been in one
+        process, where resolving and queueing are one step); else the retiring instance (its batcher
+        refuses: UNAVAILABLE, retry) or None when it is gone."""
+        version = self._instances.get(instance)
+        if version is not None and not version.retiring:
+            return version
+        known = self._identities.get(instance)
+        if known is None:
+            return version
+        name, number, signature = known
+        try:
+            current = self.manager.resolve(name, "" if latest else str(number))
+        except ServingError:
+            return version
+        return current if current.signature == signature else version
+
     def _forget_retired(self) -> None:
         """Forget instances that are no longer served (retired: no request of theirs can still run)."""
         served = set(self.manager.served_versions())
@@ -318,7 +352,7 @@ class EngineService:
                 del self._instances[instance]
                 del self._definitions[instance]
 
-    def publish(self, force_to: bytes | None = None, ack: bool = False) -> int:
+    def publish(self, force_to: ipc.Connection | None = None, ack: bool = False) -> int:
         """Send the state to every front-end if it changed (or to ``force_to`` in any case); returns its
         sequence number. With ``ack`` it is sent even when unchanged, asking each front-end to acknowledge."""
         self._forget_retired()
@@ -332,14 +366,13 @@ class EngineService:
             return self._seq
         referenced = {ref[0] for entry in state["names"].values() for ref in (entry[0], *entry[1].values()) if ref[0]}
         payload = dict(state, instances={i: self._definitions[i] for i in referenced})
-        message = ipc.pack([ipc.STATE, self._seq, ack, payload])
-        for identity in targets:
-            self.channel.send([identity, message])
+        for connection in targets:
+            connection.send([ipc.STATE, self._seq, ack, payload])
         return self._seq
 
     async def publish_acknowledged(self) -> None:
         """Publish the state and wait (at most ``ACK_TIMEOUT_S``) until every front-end has applied it."""
-        waiting = {identity for identity, link in self.frontends.items()}
+        waiting = set(self.frontends)
         future = self._loop.create_future()
         seq = self.publish(ack=True)
         if not waiting:
@@ -364,18 +397,21 @@ class EngineService:
 
     # ---------------------------------------------------------------- lifecycle
 
-    def frontend_gone(self, identity: bytes) -> int:
-        """A front-end process ended: withdraw its requests (counted ``cancelled``: their callers' connections
-        went with it) and stop waiting for its acknowledgements. Returns how many requests were withdrawn."""
-        link = self.frontends.pop(identity, None)
+    def frontend_gone(self, connection: ipc.Connection) -> int:
+        """A front-end process ended (its connection did): withdraw its requests (counted ``cancelled``: their
+        callers' connections went with it) and stop waiting for its acknowledgements. Returns how many
+        requests were withdrawn."""
+        link = self.frontends.pop(connection, None)
         if link is None:
             return 0
+        connection.link = None
+        connection.close()
         now = time.perf_counter_ns()
         for request, version, arrival_ns in link.pending.values():
             version.batcher.cancel(request)
             version.stats.record_failure(now - arrival_ns, "cancelled")
         for missing, future in list(self._acks.values()):
-            missing.discard(identity)
+            missing.discard(connection)
             if not missing and not future.done():
                 future.set_result(None)
         withdrawn = len(link.pending)
@@ -384,8 +420,23 @@ class EngineService:
 
     def stop_frontends(self, grace_s: float) -> None:
         """Tell every front-end to close its ports (answers in flight get ``grace_s`` seconds) and exit."""
-        for identity in list(self.frontends):
-            self._send(identity, [ipc.STOP, grace_s])
+        for connection in list(self.frontends):
+            connection.send([ipc.STOP, grace_s])
+
+    def frontend_exited(self, pid: int) -> int:
+        """The front-end process ``pid`` exited: ``frontend_gone`` for its connection if it is still open."""
+        for connection, link in list(self.frontends.items()):
+            if link.pid == pid:
+                return self.frontend_gone(connection)
+        return 0
+
+    def frontend_pids(self) -> dict[int, int]:
+        """index -> pid of every connected front-end."""
+        return {link.index: link.pid for link in self.frontends.values()}
 
     def close(self) -> None:
-        self.channel.close()
+        """Stop listening and close every connection."""
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.frontends):
+            connection.close()

@@ -2,10 +2,11 @@
 
 Started by the engine process (:mod:`tensorwire.server.workers`) as ``python -m
 tensorwire.server.frontend_process``; its configuration arrives as one JSON line on standard input, and
-standard input then stays open for as long as the engine process lives: end-of-file means the engine
-process is gone, and this process logs ``event=engine_lost`` and exits 1 at once (what it could answer, it
-cannot run). It listens on the same ports as its siblings (``SO_REUSEPORT``), validates and decodes
-requests in its own interpreter (its own GIL), and sends them to the engine.
+standard input then stays open for as long as the engine process lives. End-of-file there, or the end of
+its connection to the engine, means the engine process is gone: this process logs ``event=engine_lost`` and
+exits 1 at once (what it could answer, it cannot run). It listens on the same ports as its siblings
+(``SO_REUSEPORT``), validates and decodes requests in its own interpreter (its own GIL), and sends them to
+the engine.
 
 SIGINT and SIGTERM are ignored here: the engine process alone decides the drain (a terminal's Ctrl-C reaches
 every process of the group), and tells each front-end when to close its ports (``STOP``).
@@ -53,7 +54,7 @@ class FrontendProcess:
             if not stopped.done():
                 stopped.set_result(grace_s)
 
-        engine = RemoteEngine(config["address"], config["identity"].encode(), loop, on_stop=stop)
+        engine = RemoteEngine(loop, on_stop=stop, on_lost=lambda: stop(None))
         with open(config["budget_path"], "r+b") as file:
             shared = mmap.mmap(file.fileno(), 0)
         budget = SharedBudget(config["budget_limit"], memoryview(shared), self.index)
@@ -77,7 +78,11 @@ class FrontendProcess:
                 stop(None)
 
         loop.add_reader(0, parent_check)
-        engine.hello(self.index, os.getpid())
+        try:
+            await engine.connect(config["socket"], self.index, os.getpid())
+        except OSError as err:
+            log.error("event=engine_lost action=exit detail='cannot connect to the engine process: %s'", err)
+            return EXIT_ENGINE_LOST
         waiting = loop.create_task(engine.wait_state())
         await asyncio.wait({waiting, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if not stopped.done():

@@ -8,7 +8,7 @@ on every request is answered here, in this process, without a round trip:
   publishes (:mod:`tensorwire.server.engine_service`): which instance serves each model and version (with
   its configuration and signature, so validation and decoding happen here), or the error a call gets.
   Names the engine has no record of get the same NOT_FOUND messages as in one process.
-- a submitted request's decoded tensors are sent to the engine's batcher (zero-copy frames, see
+- a submitted request's decoded tensors are sent to the engine's batcher (as their own bytes, see
   :mod:`tensorwire.server.ipc`), and the returned future resolves when the outputs (or the error) come back;
   cancelling sends a withdrawal, so a request whose caller went away never runs if it is still queued.
 - the engine counts how each request it received ended; how a request refused here ended (invalid, past its
@@ -26,8 +26,6 @@ import itertools
 import logging
 from collections.abc import Callable
 from typing import Any
-
-import zmq
 
 from tensorwire.proto import inference_pb2 as pb
 from tensorwire.repository import ModelConfigFile
@@ -57,9 +55,10 @@ def signature_from(fields: list) -> Signature:
 class RemoteScheduler:
     """A version's batcher as a front-end sees it: requests go to the engine process's ``DynamicBatcher``."""
 
-    def __init__(self, engine: RemoteEngine, instance: int, config: ModelConfigFile) -> None:
+    def __init__(self, engine: RemoteEngine, instance: int, config: ModelConfigFile, latest: bool) -> None:
         self._engine = engine
         self._instance = instance
+        self._latest = latest
         self.settings = config.dynamic_batching
 
     def priority_index(self, priority: int) -> int:
@@ -71,7 +70,7 @@ class RemoteScheduler:
 
     def submit(self, request: InferenceRequest) -> asyncio.Future:
         """Send ``request`` to the engine's batcher; a future of its outputs (see ``Scheduler.submit``)."""
-        return self._engine.submit(self._instance, request)
+        return self._engine.submit(self._instance, self._latest, request)
 
     def cancel(self, request: InferenceRequest) -> None:
         """Withdraw ``request`` (it never runs if still queued)."""
@@ -96,7 +95,8 @@ class RemoteStats:
 
 
 class RemoteVersion:
-    """One served instance of a model version, as published by the engine process (a ``ServedVersion``).
+    """One served instance of a model version, as published by the engine process (a ``ServedVersion``),
+    resolved by its version number or (``latest``) as the model's latest version.
 
     The engine counts the outcome of every request that reached it (``counts_outcomes``); this side counts
     only the requests refused before (invalid, past their deadline on arrival).
@@ -113,13 +113,28 @@ class RemoteVersion:
         config: ModelConfigFile,
         signature: Signature,
         utf8_inputs: frozenset[str],
+        latest: bool = False,
     ) -> None:
         self.name, self.version, self.config = name, version, config
         self.signature = signature
         self.utf8_inputs = utf8_inputs
         self.instance = instance
-        self.batcher = RemoteScheduler(engine, instance, config)
+        self.batcher = RemoteScheduler(engine, instance, config, latest)
         self.stats = RemoteStats(engine, instance)
+
+    def as_latest(self, engine: RemoteEngine) -> RemoteVersion:
+        """The same instance, resolved as the model's latest version (''): a request that reaches the engine
+        after a reload replaced it runs on whatever version is latest then (same signature)."""
+        return RemoteVersion(
+            engine,
+            self.instance,
+            self.name,
+            self.version,
+            self.config,
+            self.signature,
+            self.utf8_inputs,
+            latest=True,
+        )
 
     async def infer(self, request: InferenceRequest) -> list[EncodedTensor]:
         """Submit ``request`` and await its outputs; a cancelled wait withdraws it."""
@@ -132,28 +147,26 @@ class RemoteVersion:
 
 
 class RemoteEngine:
-    """The ``Engine`` interface over a DEALER socket connected to the engine process at ``address``.
+    """The ``Engine`` interface over a connection to the engine process's Unix socket (``connect``).
 
-    ``identity`` names this front-end to the engine. ``on_state()`` runs after each state is applied,
-    ``on_stop(grace_s)`` when the engine asks this front-end to stop. ``wait_state()`` returns once the
-    first state has arrived (resolve answers NOT_FOUND for every name before that).
+    ``on_state()`` runs after each state is applied, ``on_stop(grace_s)`` when the engine asks this front-end
+    to stop, ``on_lost()`` when the connection ends without being asked to (the engine process is gone).
+    ``wait_state()`` returns once the first state has arrived (resolve answers NOT_FOUND for every name
+    before that).
     """
 
     def __init__(
         self,
-        address: str,
-        identity: bytes,
         loop: asyncio.AbstractEventLoop,
         on_state: Callable[[], None] = lambda: None,
         on_stop: Callable[[float], None] = lambda grace_s: None,
+        on_lost: Callable[[], None] = lambda: None,
     ) -> None:
         self._loop = loop
         self.on_state = on_state
         self.on_stop = on_stop
-        socket = ipc.Channel.configure(zmq.Context.instance().socket(zmq.DEALER))
-        socket.setsockopt(zmq.IDENTITY, identity)
-        socket.connect(address)
-        self.channel = ipc.Channel(socket, loop, self._on_message, copy=True)
+        self.on_lost = on_lost
+        self.connection = ipc.Connection(self._on_message, self._connection_lost)
         self.started = False
         self.draining = False
         self.gone = False
@@ -161,6 +174,7 @@ class RemoteEngine:
         self._rows: list[tuple[str, str, str, str]] = []
         self._names: dict[str, list] = {}
         self._versions: dict[int, RemoteVersion] = {}
+        self._latest: dict[int, RemoteVersion] = {}  # the same instances, resolved as latest ('')
         self._rid = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future, InferenceRequest]] = {}
         self._rids: dict[InferenceRequest, int] = {}
@@ -177,17 +191,22 @@ class RemoteEngine:
 
     # ------------------------------------------------------------ messages
 
-    def _on_message(self, frames: list) -> None:
-        header = ipc.unpack(frames[0])
+    async def connect(self, path: str, index: int, pid: int) -> None:
+        """Connect to the engine's socket at ``path`` and introduce this front-end (``index``, ``pid``); the
+        engine answers with its state. Raises OSError when the engine is not there."""
+        await self._loop.create_unix_connection(lambda: self.connection, path)
+        self.connection.send([ipc.HELLO, index, pid])
+
+    def _on_message(self, connection: ipc.Connection, header: list, frames: list) -> None:
         self._handlers[header[0]](header, frames)
 
-    def hello(self, index: int, pid: int) -> None:
-        """Introduce this front-end (the engine answers with its state)."""
-        self.channel.send([ipc.pack([ipc.HELLO, index, pid])])
+    def _connection_lost(self, connection: ipc.Connection) -> None:
+        self.lost()
+        self.on_lost()
 
     def listening(self) -> None:
         """Tell the engine this front-end listens on its ports."""
-        self.channel.send([ipc.pack([ipc.LISTENING])])
+        self.connection.send([ipc.LISTENING])
 
     async def wait_state(self) -> None:
         await self._first_state
@@ -208,13 +227,17 @@ class RemoteEngine:
                 frozenset(utf8_inputs),
             )
         self._versions = versions
+        self._latest = {
+            instance: self._latest.get(instance) or versions[instance].as_latest(self)
+            for instance in {entry[0][0] for entry in payload["names"].values() if entry[0][0]}
+        }
         self._names = payload["names"]
         self._rows = [tuple(row) for row in payload["rows"]]
         self._models_ready = payload["models_ready"]
         self.started = payload["started"]
         self.draining = payload["draining"]
         if ack:
-            self.channel.send([ipc.pack([ipc.ACK, seq])])
+            self.connection.send([ipc.ACK, seq])
         if not self._first_state.done():
             self._first_state.set_result(None)
         self.on_state()
@@ -224,8 +247,9 @@ class RemoteEngine:
 
     # ----------------------------------------------------------- inference
 
-    def submit(self, instance: int, request: InferenceRequest) -> asyncio.Future:
-        """Send a validated request to instance ``instance``'s batcher; a future of its outputs."""
+    def submit(self, instance: int, latest: bool, request: InferenceRequest) -> asyncio.Future:
+        """Send a validated request to instance ``instance``'s batcher (``latest``: it asked for the model's
+        latest version); a future of its outputs."""
         future = self._loop.create_future()
         if self.gone:
             future.set_exception(ModelUnavailableError(ENGINE_GONE))
@@ -241,6 +265,7 @@ class RemoteEngine:
             ipc.SUBMIT,
             rid,
             instance,
+            latest,
             request.priority,
             request.deadline,
             request.rows,
@@ -249,8 +274,8 @@ class RemoteEngine:
             request.arrival_ns,  # CLOCK_MONOTONIC (perf_counter): comparable in the engine process
             specs,
         ]
-        self.channel.send([ipc.pack(header), *buffers])
-        request.inputs = {}  # ZeroMQ holds what it still has to send; the engine holds the rest
+        self.connection.send(header, *buffers)
+        request.inputs = {}  # the transport holds what the socket did not take yet; the engine the rest
         request.future = future
         self._pending[rid] = (future, request)
         self._rids[request] = rid
@@ -263,7 +288,7 @@ class RemoteEngine:
             return
         self._pending.pop(rid, None)
         if not self.gone:
-            self.channel.send([ipc.pack([ipc.CANCEL, rid])])
+            self.connection.send([ipc.CANCEL, rid])
 
     def _answer(self, header: list, frames: list) -> None:
         entry = self._pending.pop(header[1], None)
@@ -272,8 +297,14 @@ class RemoteEngine:
         future, request = entry
         del self._rids[request]
         if not future.done():
-            tensors = zip(header[2], frames[1:], strict=True)
-            future.set_result([(name, datatype, shape, raw) for (name, datatype, shape), raw in tensors])
+            tensors = zip(header[2], frames, strict=True)
+            # A large output arrives as a view of its message's buffer; the front-ends' encoders want bytes.
+            future.set_result(
+                [
+                    (name, datatype, shape, raw if type(raw) is bytes else bytes(raw))
+                    for (name, datatype, shape), raw in tensors
+                ]
+            )
 
     def _failed(self, header: list, frames: list) -> None:
         entry = self._pending.pop(header[1], None)
@@ -291,12 +322,12 @@ class RemoteEngine:
         success, which cannot happen without the engine; kept for the interface). Sent at once, ahead of the
         answer, so statistics read after it include it."""
         if not self.gone:
-            self.channel.send([ipc.pack([ipc.EVENTS, [[instance, ns, reason]], []])])
+            self.connection.send([ipc.EVENTS, [[instance, ns, reason]], []])
 
     def refuse(self, method: str, reason: str) -> None:
         """Count a call refused before a version resolved (in the engine's metrics; sent at once)."""
         if not self.gone:
-            self.channel.send([ipc.pack([ipc.EVENTS, [], [[method, reason]]])])
+            self.connection.send([ipc.EVENTS, [], [[method, reason]]])
 
     # ----------------------------------------------------------- the state
 
@@ -312,12 +343,14 @@ class RemoteEngine:
             reference = entry[1].get(int(version))
             if reference is None:
                 raise unknown_version(name, int(version), entry[2])
-        else:
-            reference = entry[0]
-        instance, error = reference
+            instance, error = reference
+            if error is not None:
+                raise ipc.error_from(error)
+            return self._versions[instance]
+        instance, error = entry[0]
         if error is not None:
             raise ipc.error_from(error)
-        return self._versions[instance]
+        return self._latest[instance]
 
     def ready_versions(self, name: str) -> list[int]:
         entry = self._names.get(name)
@@ -341,7 +374,7 @@ class RemoteEngine:
             raise ModelUnavailableError(ENGINE_GONE)
         call_id = next(self._call_ids)
         future = self._calls[call_id] = self._loop.create_future()
-        self.channel.send([ipc.pack([ipc.CALL, call_id, op, list(args)])])
+        self.connection.send([ipc.CALL, call_id, op, list(args)])
         try:
             return await asyncio.shield(future)
         finally:
@@ -389,4 +422,4 @@ class RemoteEngine:
         self.started = False
 
     def close(self) -> None:
-        self.channel.close()
+        self.connection.close()

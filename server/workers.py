@@ -6,10 +6,11 @@ serve`` becomes the *engine process*: it holds the ModelManager, every model's b
 metrics endpoint and the drain; it starts N *front-end processes* (:mod:`tensorwire.server.frontend_process`),
 each listening on the same gRPC and HTTP ports (``SO_REUSEPORT``: the kernel spreads connections across
 them), validating and decoding requests in its own interpreter, and sending the decoded tensors to the
-engine (:mod:`tensorwire.server.ipc`). A batch still forms across every connection of every front-end, and
-each device holds each model once. This is the shape of Triton's Python-backend stubs, vLLM's API-server /
-engine-core split and TorchServe's front-end / worker split, turned around: the front-ends are the
-processes that multiply, because the request path, not the model, is what a Python server runs out of.
+engine over a Unix-domain socket (:mod:`tensorwire.server.ipc`). A batch still forms across every
+connection of every front-end, and each device holds each model once. This is the shape of Triton's
+Python-backend stubs, vLLM's API-server / engine-core split and TorchServe's front-end / worker split,
+turned around: the front-ends are the processes that multiply, because the request path, not the model, is
+what a Python server runs out of.
 
 Failures, decided here:
 
@@ -98,7 +99,6 @@ class Frontend:
     index: int
     generation: int = 0
     process: subprocess.Popen | None = None
-    identity: bytes = b""
     listening: bool = False
     expected_exit: bool = False
     exits: collections.deque = field(default_factory=collections.deque)
@@ -152,7 +152,7 @@ class MultiProcessServer:
         #: The largest message either way: the configured limit, but never more than the budget holds.
         self.max_message_bytes = min(settings.max_message_bytes, self.budget_limit)
         self.runtime = Path(tempfile.mkdtemp(prefix="tensorwire-"))  # mode 0700: only this user connects
-        self.address = f"ipc://{self.runtime / 'engine'}"
+        self.socket_path = str(self.runtime / "engine.sock")
         self.budget_path = self.runtime / "budget"
         self.budget_path.write_bytes(bytes(8 * settings.workers))
         with open(self.budget_path, "r+b") as file:
@@ -182,14 +182,12 @@ class MultiProcessServer:
     def _spawn(self, frontend: Frontend) -> None:
         """Start ``frontend``'s next process; its configuration goes in on standard input, which stays open."""
         frontend.generation += 1
-        frontend.identity = f"frontend-{frontend.index}.{frontend.generation}".encode()
         frontend.listening = False
         frontend.expected_exit = False
         self._slots[frontend.index] = 0  # whatever a previous process held went with it
         config = {
             "index": frontend.index,
-            "identity": frontend.identity.decode(),
-            "address": self.address,
+            "socket": self.socket_path,
             "settings": settings_to_dict(self.settings),
             "budget_path": str(self.budget_path),
             "budget_limit": self.budget_limit,
@@ -239,7 +237,7 @@ class MultiProcessServer:
         if frontend.process is not process:
             return
         frontend.process = None
-        withdrawn = self.service.frontend_gone(frontend.identity) if self.service else 0
+        withdrawn = self.service.frontend_exited(process.pid) if self.service else 0
         self._slots[frontend.index] = 0
         if frontend.expected_exit:
             return
@@ -304,7 +302,10 @@ class MultiProcessServer:
         if s.metrics_port:
             start_metrics_server(s.metrics_port, s.host, self.metrics.registry)
         self.manager.announce()
-        self.service = EngineService(self.manager, self.metrics, self.address, loop, on_listening=self._on_listening)
+        self.service = EngineService(
+            self.manager, self.metrics, self.socket_path, loop, on_listening=self._on_listening
+        )
+        await self.service.start()
         for frontend in self.frontends:
             self._spawn(frontend)
         stopping = loop.create_task(self._stopping.wait())
