@@ -35,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import Counter
+
 from tensorwire.server import ipc
 from tensorwire.server.batcher import InferenceRequest
 from tensorwire.server.engine import version_statistics
@@ -68,6 +70,7 @@ class FrontendLink:
     index: int
     pid: int
     listening: bool = False
+    submitted: Any = None  # its child of tensorwire_frontend_requests_total
     #: rid -> (the request in its batcher, its version, when the front-end received it: perf_counter_ns)
     pending: dict[int, tuple[InferenceRequest, ModelVersion, int]] = field(default_factory=dict)
 
@@ -108,6 +111,12 @@ class EngineService:
         self._on_listening = on_listening
         self._server: asyncio.AbstractServer | None = None
         self.frontends: dict[ipc.Connection, FrontendLink] = {}
+        self._submitted = Counter(
+            "tensorwire_frontend_requests",
+            "Inference requests each front-end process sent to the engine (how SO_REUSEPORT spread the load)",
+            ("frontend",),
+            registry=metrics.registry,
+        )
         self._ids = itertools.count(1)
         self._instance_ids: dict[ModelVersion, int] = {}
         self._instances: dict[int, ModelVersion] = {}
@@ -151,7 +160,8 @@ class EngineService:
 
     def _hello(self, connection: ipc.Connection, link: FrontendLink | None, header: list, frames: list) -> None:
         _, index, pid = header
-        connection.link = self.frontends[connection] = FrontendLink(connection, index, pid)
+        link = FrontendLink(connection, index, pid, submitted=self._submitted.labels(str(index)))
+        connection.link = self.frontends[connection] = link
         log.debug("event=frontend_connected index=%d pid=%d", index, pid)
         self.publish(force_to=connection)
 
@@ -161,6 +171,7 @@ class EngineService:
 
     def _submit(self, connection: ipc.Connection, link: FrontendLink, header: list, frames: list) -> None:
         _, rid, instance, latest, priority, deadline, rows, outputs, request_id, arrival_ns, specs = header
+        link.submitted.inc()
         version = self._serving(instance, latest)
         if version is None:
             error = ModelUnavailableError("the model version this request was validated for is no longer served")
