@@ -10,7 +10,8 @@ processes").
 
 Every message is a header (msgpack: plain numbers, strings and lists, never pickle) followed by tensor
 frames. Tensors travel as their own bytes, never serialized: a numeric array's memory is handed to the
-socket as it is (above ``JOIN_BYTES``; smaller messages are joined into one write), and the receiving side
+socket as it is (above ``JOIN_BYTES``; smaller messages sent in one event-loop iteration are joined into one
+write at its end, so a batch's answers cost one system call), and the receiving side
 reads a large message straight into a buffer of its own, which the engine's arrays then view
 (``np.frombuffer``, no copy). BYTES tensors travel as Triton's length-prefixed raw contents.
 
@@ -165,11 +166,14 @@ class Connection(asyncio.BufferedProtocol):
         self._large_filled = 0
         self._large_header = 0  # the large message's header length
         self._large_lengths: list[int] = []  # and its frames' lengths
+        self._corked: list[Any] = []  # small messages waiting for the end of this loop iteration
 
     # ---------------------------------------------------------------- sending
 
     def send(self, header: list, *frames: Any) -> None:
-        """Queue one message (never blocks: what the socket does not take at once waits in the transport)."""
+        """Queue one message (never blocks). Small messages sent during one event-loop iteration leave in one
+        write at its end (one system call for a batch's answers); a large one is written at once, its
+        frames as they are."""
         transport = self.transport
         if transport is None or self.closed:
             return
@@ -177,11 +181,26 @@ class Connection(asyncio.BufferedProtocol):
         lengths = [memoryview(frame).nbytes for frame in frames]
         prefix = _PREFIX.pack(len(packed), len(frames)) + b"".join(_LENGTH.pack(n) for n in lengths)
         if sum(lengths) + len(packed) <= JOIN_BYTES:
-            transport.write(b"".join((prefix, packed, *frames)))
+            corked = self._corked
+            if not corked:
+                asyncio.get_running_loop().call_soon(self.flush)
+            corked.append(prefix)
+            corked.append(packed)
+            corked.extend(frames)
             return
+        self.flush()
         transport.write(prefix + packed)
         for frame in frames:
             transport.write(frame)
+
+    def flush(self) -> None:
+        """Write the small messages queued so far (in order, as one buffer)."""
+        corked = self._corked
+        if not corked:
+            return
+        self._corked = []
+        if self.transport is not None and not self.closed:
+            self.transport.write(b"".join(corked))
 
     # -------------------------------------------------------------- receiving
 
@@ -283,9 +302,11 @@ class Connection(asyncio.BufferedProtocol):
             self.on_lost(self)
 
     def close(self) -> None:
-        """Close the stream; ``on_lost`` is not called for a close asked for here."""
+        """Close the stream once what was sent is written; ``on_lost`` is not called for a close asked for
+        here."""
         if self.closed:
             return
+        self.flush()
         self.closed = True
         if self.transport is not None:
             self.transport.close()
