@@ -28,7 +28,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tensorwire.loadtest import frontends, report
+from tensorwire.loadtest import frontends, report, workers_scaling
 from tensorwire.loadtest.ceiling import latest_model_file, measure_ceiling, measure_model_ceiling
 from tensorwire.loadtest.harness import (
     BARE,
@@ -815,8 +815,8 @@ def render_bare_baseline(result: dict[str, Any], page: Page) -> str:
 
 # =========================================================================== many-connections
 
-#: the servers compared when many clients connect; ``TENSORWIRE.with_args("--workers", "2")`` is the next entry
-MANY_CONNECTIONS_SERVERS = (BARE, TENSORWIRE)
+#: the servers compared when many clients connect (front-end processes share the port: see "workers")
+MANY_CONNECTIONS_SERVERS = (BARE, TENSORWIRE, TENSORWIRE.with_args("--workers", "2"))
 
 
 def measure_many_connections(ctx: Context) -> dict[str, Any]:
@@ -1024,6 +1024,16 @@ register(
         render_many_connections,
         needs=("perf_analyzer",),
         minutes=1,
+    )
+)
+register(
+    Scenario(
+        "workers",
+        "Front-end processes: --workers 1 against --workers 2 (perf_analyzer, one and four clients)",
+        workers_scaling.measure,
+        workers_scaling.render,
+        needs=("perf_analyzer",),
+        minutes=12,
     )
 )
 register(

@@ -112,3 +112,44 @@ class InflightBudget:
             f"the server is holding {_size(self.in_use)} for calls in flight and {what} would exceed its "
             f"memory budget of {_size(self.limit)} (tensorwire serve --max-inflight-bytes); retry shortly"
         )
+
+
+class SharedBudget(InflightBudget):
+    """One server-wide budget shared by several processes (``tensorwire serve --workers N``).
+
+    ``slots`` is a writable buffer of one signed 64-bit count per process, in memory the processes share
+    (a file each maps); this process writes only its own slot (``index``) and reads the sum of all of
+    them, so no lock is needed: an aligned 8-byte store is atomic on the CPUs CPython runs on. Two
+    processes that check at the same moment may together exceed the limit by at most one message each,
+    as each admits against what the other had charged a moment before. ``reading`` and ``typical`` stay
+    per process (they describe this process's reads).
+    """
+
+    def __init__(self, limit_bytes: int, slots: memoryview, index: int) -> None:
+        self._slots = slots.cast("B").cast("q")
+        self._index = index
+        super().__init__(limit_bytes)
+
+    @property
+    def in_use(self) -> int:  # type: ignore[override]
+        """Bytes held by every process sharing the budget."""
+        return sum(self._slots)
+
+    @in_use.setter
+    def in_use(self, value: int) -> None:
+        self._slots[self._index] = value
+
+    @property
+    def spent(self) -> bool:
+        return sum(self._slots) + self.reading >= self.limit
+
+    def acquire(self, n: int) -> None:
+        if sum(self._slots) + n > self.limit:
+            raise self.refusal(n)
+        self._slots[self._index] += n
+
+    def charge(self, n: int) -> None:
+        self._slots[self._index] += n
+
+    def release(self, n: int) -> None:
+        self._slots[self._index] -= n

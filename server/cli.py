@@ -12,6 +12,9 @@ from pathlib import Path
 
 from tensorwire.server.app import MAX_MESSAGE_BYTES, InferenceServer, ServerSettings
 
+#: The most front-end processes ``--workers`` accepts.
+MAX_WORKERS = 64
+
 TOKEN_ENV = "TENSORWIRE_AUTH_TOKEN"
 
 
@@ -89,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
         "default; --no-strict-readiness: ready once the server is up, whatever the models' states",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="front-end processes sharing the gRPC and HTTP ports in front of one engine process that batches "
+        "for all of them (helps with many client connections; 1: one process, as before). Default: from the "
+        "cores (1 on 2 cores or fewer, see README, 'Front-end processes')",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -114,6 +126,14 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
             raise SystemExit(f"tensorwire serve: error: {flag} must be a TCP port (0-65535), got {port}")
     if args.http_port and args.http_port in (args.grpc_port, args.metrics_port):
         raise SystemExit("tensorwire serve: error: --http-port must differ from --grpc-port and --metrics-port")
+    if args.workers is None:
+        from tensorwire.server.workers import default_workers
+
+        workers = default_workers()
+    else:
+        workers = args.workers
+    if not 1 <= workers <= MAX_WORKERS:
+        raise SystemExit(f"tensorwire serve: error: --workers must be between 1 and {MAX_WORKERS}, got {workers}")
     if not args.repo.is_dir():
         raise SystemExit(f"tensorwire serve: error: repository {args.repo} is not a folder")
     return ServerSettings(
@@ -132,6 +152,7 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         grace_seconds=args.grace_seconds,
         poll_seconds=args.poll,
         strict_readiness=args.strict_readiness,
+        workers=workers,
     )
 
 
@@ -188,8 +209,14 @@ def main(argv: list[str]) -> int:
     )
     settings = settings_from(args)
     check_ports(settings)
+    if settings.workers > 1:
+        from tensorwire.server.workers import MultiProcessServer
+
+        server = MultiProcessServer(settings, log_level=args.log_level)
+    else:
+        server = InferenceServer(settings)
     try:
-        code = asyncio.run(InferenceServer(settings).run())
+        code = asyncio.run(server.run())
     except OSError as err:  # a port taken or not ours to bind: one line, not a traceback
         logging.getLogger("tensorwire.server").error("event=start_failed error=%r", str(err))
         print(f"tensorwire serve: error: {err}", file=sys.stderr)

@@ -13,7 +13,8 @@ here, over an :class:`~tensorwire.server.engine.Engine`:
 - the deadline: the smallest of the transport's deadline (gRPC's), the request's ``timeout`` parameter and,
   without that parameter, the model's ``default_timeout_us``; one already passed is DEADLINE_EXCEEDED;
 - the server-wide memory budget for request and answer bytes in flight;
-- how each request ended, counted exactly once (``begin`` then success or failure with its reason);
+- how each request ended, counted exactly once (``begin`` then success or failure with its reason; by the
+  engine itself for requests that reached an engine whose versions say ``counts_outcomes``);
 - streams: requests queued as they are read (at most ``STREAM_WINDOW`` ahead of the answers), answers in
   request order, failures answered in-band, and whatever is still queued withdrawn when the stream ends;
 - readiness: live while the process serves (loading and draining included); ready once started, not
@@ -421,24 +422,27 @@ class DataPlane:
         """Triton's ModelConfig message of the version serving ``name``."""
         return model_config_proto(self.resolve(method, name, version))
 
-    def statistics(
+    async def statistics(
         self, name: str = "", version: str = "", method: str = "ModelStatistics"
     ) -> list[pb.ModelStatistics]:
-        """Triton's ModelStatistics: every served version ('' name), a model's served versions, or one."""
+        """Triton's ModelStatistics: every served version ('' name), a model's served versions, or one.
+
+        A name or version that does not resolve is refused as ``resolve`` refuses it (counted)."""
         if not name:
-            return [v.stats.to_proto() for v in self.engine.served_versions()]
+            return await self.engine.statistics()
         if version:
-            return [self.resolve(method, name, version).stats.to_proto()]
+            served = self.resolve(method, name, version)
+            return await self.engine.statistics(served.name, served.version)
         self.resolve(method, name)
-        return [v.stats.to_proto() for v in self.engine.served_versions() if v.name == name]
+        return await self.engine.statistics(name)
 
     # -------------------------------------------------------- repository
 
-    def repository_index(self, ready_only: bool = False) -> list[IndexRow]:
+    async def repository_index(self, ready_only: bool = False) -> list[IndexRow]:
         """Every model of the repository and every version record, with its state and reason."""
         return [
             IndexRow(name, version, state, reason)
-            for name, version, state, reason in self.engine.index()
+            for name, version, state, reason in await self.engine.repository_index()
             if not ready_only or state == "READY"
         ]
 
@@ -507,21 +511,27 @@ class DataPlane:
         version = self.resolve(method, request.model_name, request.model_version)
         stats = version.stats
         stats.begin()
+        counted = False  # True once the engine counts this request's outcome itself (see ServedVersion)
         try:
             core = prepare(version, request, time_remaining)
             request.inputs = ()  # decoded: the core request holds the tensors now
+            counted = version.counts_outcomes
             outputs = await version.infer(core)
             answer = encode(version, request_id, outputs)
         except asyncio.CancelledError:
-            stats.record_failure(time.perf_counter_ns() - started, "cancelled")
+            if not counted:
+                stats.record_failure(time.perf_counter_ns() - started, "cancelled")
             raise
         except ServingError as err:
-            stats.record_failure(time.perf_counter_ns() - started, failure_reason(err))
+            if not counted:
+                stats.record_failure(time.perf_counter_ns() - started, failure_reason(err))
             raise
         except Exception as err:  # noqa: BLE001 - a bug of ours: INTERNAL, traceback to the log
-            stats.record_failure(time.perf_counter_ns() - started, "internal")
+            if not counted:
+                stats.record_failure(time.perf_counter_ns() - started, "internal")
             raise internal_error(request.model_name, err) from None
-        stats.record_success(time.perf_counter_ns() - started)
+        if not counted:
+            stats.record_success(time.perf_counter_ns() - started)
         return answer
 
     async def stream(self, transport: StreamTransport, method: str = "ModelStreamInfer") -> StreamEnd:
@@ -633,10 +643,12 @@ class DataPlane:
         return transport.encode_error(item.model_name, item.model_version, item.request_id, err)
 
     def _stream_outcome(self, item: _StreamItem, err: ServingError | None, reason: str | None = None) -> None:
-        """Count how a resolved stream item ended (once)."""
+        """Count how a resolved stream item ended (once; not at all when its engine counted it)."""
         if item.version is None or item.recorded:
             return
         item.recorded = True
+        if item.future is not None and item.version.counts_outcomes:
+            return
         elapsed = time.perf_counter_ns() - item.started
         if err is None and reason is None:
             item.version.stats.record_success(elapsed)

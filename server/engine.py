@@ -16,10 +16,16 @@ The interface, in the order a request uses it:
 - ``await version.infer(request)`` -> the request's encoded outputs (a cancelled wait withdraws it);
   streams use ``version.batcher.submit(request)`` (an awaitable, no task per request) and
   ``version.batcher.cancel(request)``; ``batcher.priority_index(p)`` maps a priority to a queue.
-- ``version.stats``: how each request ended (``begin`` then one ``record_success``/``record_failure``) and
-  Triton's ModelStatistics of the version (``to_proto``).
-- the repository and readiness: ``index``, ``load``, ``unload``, ``ready_versions``, ``served_versions``,
-  ``models_ready``; ``refuse(method, reason)`` counts a call refused before a version resolved.
+- ``version.stats``: how each request ended (``begin`` then one ``record_success``/``record_failure``), for
+  every request unless ``version.counts_outcomes`` says the engine counts those that reached it.
+- the repository and readiness: ``index`` (what the health statuses follow), ``load``, ``unload``,
+  ``ready_versions``, ``served_versions``, ``models_ready``; ``refuse(method, reason)`` counts a call refused
+  before a version resolved.
+- the calls answered from the engine's own state, awaited so that an engine in another process answers them
+  the same from any front-end: ``statistics`` (Triton's ModelStatistics) and ``repository_index``.
+
+The second implementation, :class:`~tensorwire.server.remote_engine.RemoteEngine`, serves this interface in a
+front-end process (``tensorwire serve --workers N``) over IPC to the engine process.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from tensorwire.proto import inference_pb2 as pb
 from tensorwire.repository import ModelConfigFile
 from tensorwire.server.batcher import InferenceRequest
 from tensorwire.server.manager import ModelManager
+from tensorwire.server.model_version import ModelVersion
 from tensorwire.server.replicas import EncodedTensor
 from tensorwire.server.signature import Signature
 
@@ -69,10 +76,6 @@ class OutcomeStats(Protocol):
         """The request failed after ``ns`` nanoseconds; ``reason`` is a ``stats.REASONS`` key."""
         ...
 
-    def to_proto(self) -> pb.ModelStatistics:
-        """Triton's ModelStatistics of this version."""
-        ...
-
 
 @runtime_checkable
 class ServedVersion(Protocol):
@@ -85,6 +88,10 @@ class ServedVersion(Protocol):
     utf8_inputs: frozenset[str]
     batcher: Scheduler
     stats: OutcomeStats
+    #: True when the engine counts the outcome of every request submitted to ``batcher`` itself (an engine in
+    #: another process, which must have counted it before the answer leaves, so that statistics read after an
+    #: answer include it); the data plane then counts only the requests that never reached the batcher.
+    counts_outcomes: bool
 
     async def infer(self, request: InferenceRequest) -> list[EncodedTensor]:
         """Submit ``request`` to ``batcher`` and await its outputs; a cancelled wait withdraws it."""
@@ -112,7 +119,18 @@ class Engine(Protocol):
         ...
 
     def index(self, repository_models: bool = True) -> list[tuple[str, str, str, str]]:
-        """(name, version, state, reason) rows, as RepositoryIndex reports them."""
+        """(name, version, state, reason) rows of the models the engine has records of (with
+        ``repository_models``, also the repository's folders not loaded), for the health statuses."""
+        ...
+
+    async def repository_index(self) -> list[tuple[str, str, str, str]]:
+        """(name, version, state, reason) rows, as RepositoryIndex reports them: every model of the
+        repository (loaded or not) and every version record."""
+        ...
+
+    async def statistics(self, name: str = "", version: int | None = None) -> list[pb.ModelStatistics]:
+        """Triton's ModelStatistics of every served version (``name`` ''), of ``name``'s served versions
+        (``version`` None) or of that one version (an empty list when it is no longer served)."""
         ...
 
     async def load(self, name: str) -> None:
@@ -144,3 +162,26 @@ class LocalEngine:
         self.load = manager.load
         self.unload = manager.unload
         self.refuse = manager.metrics.refuse
+
+    async def repository_index(self) -> list[tuple[str, str, str, str]]:
+        """Every repository model and version record (``ModelManager.index``)."""
+        return self.manager.index()
+
+    async def statistics(self, name: str = "", version: int | None = None) -> list[pb.ModelStatistics]:
+        """ModelStatistics of the served versions that match ``name`` and ``version`` (see ``Engine``)."""
+        return version_statistics(self.manager.served_versions(), name, version)
+
+
+def version_statistics(
+    served: Sequence[ModelVersion], name: str = "", version: int | None = None
+) -> list[pb.ModelStatistics]:
+    """Triton's ModelStatistics of ``served`` versions: all of them (``name`` ''), ``name``'s (``version``
+    None), or the first that is ``name``:``version`` (a reload of one version shares its counters)."""
+    if not name:
+        return [v.stats.to_proto() for v in served]
+    if version is None:
+        return [v.stats.to_proto() for v in served if v.name == name]
+    for v in served:
+        if v.name == name and v.version == version:
+            return [v.stats.to_proto()]
+    return []

@@ -135,6 +135,7 @@ class HttpFrontend:
     ``auth_token``: the bearer token every non-health request must carry (None: none). ``ssl_context``:
     TLS (None: plaintext); ``client_certificate_required``: with mutual TLS, the paths that need a verified
     client certificate (every one but health). ``max_message_bytes``: the largest request body.
+    ``reuse_port``: bind with ``SO_REUSEPORT``, so that several front-end processes share the port.
     """
 
     def __init__(
@@ -144,6 +145,7 @@ class HttpFrontend:
         auth_token: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         client_certificate_required: bool = False,
+        reuse_port: bool = False,
     ) -> None:
         if auth_token is not None and not auth_token:
             raise ValueError("an empty auth token would accept anyone")
@@ -152,6 +154,7 @@ class HttpFrontend:
         self._expected = f"Bearer {auth_token}".encode() if auth_token else None
         self._ssl_context = ssl_context
         self._certificate_required = client_certificate_required
+        self._reuse_port = reuse_port
         self._runner: web.ServerRunner | None = None
         self._limited_log = RateLimitedLog(log)
         self.port = 0
@@ -163,7 +166,14 @@ class HttpFrontend:
         server = web.Server(self._handle, handler_cancellation=True, access_log=None, lingering_time=LINGER_S)
         self._runner = web.ServerRunner(server, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, ssl_context=self._ssl_context, reuse_address=True)
+        site = web.TCPSite(
+            self._runner,
+            host,
+            port,
+            ssl_context=self._ssl_context,
+            reuse_address=True,
+            reuse_port=self._reuse_port or None,
+        )
         try:
             await site.start()
         except OSError:
@@ -251,7 +261,7 @@ class HttpFrontend:
         if parts[0] == "health" and len(parts) == 2 and parts[1] in ("live", "ready"):
             return self._only(verb, "GET") or self._health(parts[1])
         if parts == ["models", "stats"]:
-            return self._only(verb, "GET") or json_response({"model_stats": self._stats("", "")})
+            return self._only(verb, "GET") or json_response({"model_stats": await self._stats("", "")})
         if parts[0] == "repository":
             return await self._repository(request, parts[1:])
         located = _model_path(parts)
@@ -265,7 +275,7 @@ class HttpFrontend:
         if rest == ["config"]:
             return self._only(verb, "GET") or json_response(message_to_json(self.dataplane.model_config(name, version)))
         if rest == ["stats"]:
-            return self._only(verb, "GET") or json_response({"model_stats": self._stats(name, version)})
+            return self._only(verb, "GET") or json_response({"model_stats": await self._stats(name, version)})
         if rest == ["infer"]:
             return self._only(verb, "POST") or await self._infer(request, name, version)
         return error_response(404, f"no such endpoint: {path[:100]}")
@@ -305,8 +315,8 @@ class HttpFrontend:
         ready = self.dataplane.model_ready(name, version)
         return json_response({"name": name, "ready": ready}, 200 if ready else 400)
 
-    def _stats(self, name: str, version: str) -> list[dict]:
-        return [message_to_json(stats) for stats in self.dataplane.statistics(name, version)]
+    async def _stats(self, name: str, version: str) -> list[dict]:
+        return [message_to_json(stats) for stats in await self.dataplane.statistics(name, version)]
 
     # ---------------------------------------------------------- repository
 
@@ -319,7 +329,7 @@ class HttpFrontend:
             if not isinstance(ready, bool):
                 raise MalformedRequest("'ready' must be true or false")
             rows = []
-            for row in self.dataplane.repository_index(ready_only=ready):
+            for row in await self.dataplane.repository_index(ready_only=ready):
                 entry = {"name": row.name}
                 if row.version:
                     entry["version"] = row.version

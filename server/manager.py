@@ -96,6 +96,21 @@ class ModelRecord:
         return [v.served for v in self.versions.values() if v.served is not None]
 
 
+def unknown_model(name: str) -> ModelNotFoundError:
+    """The error for a model name the server has no record of."""
+    return ModelNotFoundError(f"unknown model {echo(name)}; RepositoryIndex lists the models this server has")
+
+
+def not_a_version(name: str, version: str) -> ModelNotFoundError:
+    """The error for a version string that is not ASCII digits."""
+    return ModelNotFoundError(f"model {name!r} has no version {echo(version)}; versions are positive integers")
+
+
+def unknown_version(name: str, version: int, ready: list[int]) -> ModelNotFoundError:
+    """The error for a version number the model has no record of (``ready``: its READY versions)."""
+    return ModelNotFoundError(f"model {name!r} has no version {version}; ready versions: {ready}")
+
+
 def fingerprint(model_dir: Path) -> tuple:
     """Changes whenever the config or any version's files change (for --poll)."""
     entries = []
@@ -139,17 +154,13 @@ class ModelManager:
         """The version to serve a request: NOT_FOUND if absent, UNAVAILABLE if not ready."""
         record = self._records.get(name)
         if record is None:
-            raise ModelNotFoundError(f"unknown model {echo(name)}; RepositoryIndex lists the models this server has")
+            raise unknown_model(name)
         if version:
             if not (version.isascii() and version.isdigit()):  # str.isdigit alone admits '²', '١'...
-                raise ModelNotFoundError(
-                    f"model {name!r} has no version {echo(version)}; versions are positive integers"
-                )
+                raise not_a_version(name, version)
             entry = record.versions.get(int(version))
             if entry is None:
-                raise ModelNotFoundError(
-                    f"model {name!r} has no version {int(version)}; ready versions: {self.ready_versions(name)}"
-                )
+                raise unknown_version(name, int(version), self.ready_versions(name))
             state, reason = self._status(entry)
             if state is READY:
                 assert entry.served is not None

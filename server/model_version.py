@@ -276,6 +276,9 @@ def _warm_up(executors: list[Executor], signature: Signature, sizes: list[int], 
 class ModelVersion:
     """A servable version: replicas + batcher + stats; replaces replicas it loses; retires once."""
 
+    #: The data plane counts how each request ended (in one process the outcome is known where it is counted).
+    counts_outcomes = False
+
     def __init__(
         self,
         name: str,

@@ -214,7 +214,8 @@ class Servicer:
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context) -> pb.ModelStatisticsResponse:
         try:
-            return pb.ModelStatisticsResponse(model_stats=self.dataplane.statistics(request.name, request.version))
+            stats = await self.dataplane.statistics(request.name, request.version)
+            return pb.ModelStatisticsResponse(model_stats=stats)
         except ServingError as err:
             await self._abort(context, err)
 
@@ -225,7 +226,7 @@ class Servicer:
         return pb.RepositoryIndexResponse(
             models=[
                 index(name=row.name, version=row.version, state=row.state, reason=row.reason)
-                for row in self.dataplane.repository_index(ready_only=request.ready)
+                for row in await self.dataplane.repository_index(ready_only=request.ready)
             ]
         )
 

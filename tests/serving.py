@@ -4,17 +4,25 @@ Every test that talks to a server goes through real gRPC to a real process:
 ``with running_server(repo) as server: ... server.address``. The launcher is the benchmark harness's
 (:mod:`tensorwire.loadtest.launch`), so tests and benchmarks start servers the same way; this module keeps
 the names the tests use.
+
+``TENSORWIRE_TEST_WORKERS=N`` runs every server these tests start with ``--workers N`` (front-end
+processes in front of one engine process) unless a test asks for its own ``--workers``: the same tests then
+check the multi-process server. ``tests/test_workers.py`` runs a chosen subset that way in the default suite.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from tensorwire.loadtest.launch import ServerProcess, call, free_port, serve
 
-__all__ = ["RunningServer", "call", "free_port", "running_server"]
+__all__ = ["WORKERS_ENV", "RunningServer", "call", "free_port", "running_server", "server_args"]
+
+#: The environment variable that runs every test server with ``--workers N``.
+WORKERS_ENV = "TENSORWIRE_TEST_WORKERS"
 
 #: a started server: ``address``, ``port``, ``metrics_port``, ``process``, ``log()``, ``channel()``, ``stop()``
 RunningServer = ServerProcess
@@ -34,6 +42,14 @@ def running_server(
     ``<repo>/../server-<port>.log``. With ``wait``, the block starts once ServerReady is true.
     """
     with serve(
-        repo, *args, ready_timeout=ready_timeout, env=env, wait=wait, http=http, log_dir=Path(repo).parent
+        repo, *server_args(args), ready_timeout=ready_timeout, env=env, wait=wait, http=http, log_dir=Path(repo).parent
     ) as server:
         yield server
+
+
+def server_args(args: tuple[str, ...] | list[str]) -> list[str]:
+    """``args`` plus ``--workers N`` when ``TENSORWIRE_TEST_WORKERS`` is set and ``args`` has no ``--workers``."""
+    workers = os.environ.get(WORKERS_ENV, "").strip()
+    if workers and "--workers" not in args:
+        return [*args, "--workers", workers]
+    return list(args)

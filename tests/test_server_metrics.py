@@ -4,6 +4,7 @@ no series, no error), in-flight memory gauges."""
 from __future__ import annotations
 
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -65,6 +66,11 @@ def test_process_and_memory_budget_metrics_are_exported(server):
     for name in ("process_resident_memory_bytes", "process_cpu_seconds", "process_open_fds", "process_max_fds"):
         assert name in found, name
     assert found["process_resident_memory_bytes"][0].value > 10 * 2**20
+    # Released once gRPC has sent the answer, which can be a moment after the client has it: wait for it.
+    deadline = time.monotonic() + 5
+    while found["tensorwire_inflight_bytes"][0].value and time.monotonic() < deadline:
+        time.sleep(0.05)
+        found = families(get(server, "/metrics")[1])
     assert found["tensorwire_inflight_bytes"][0].value == 0
     assert found["tensorwire_inflight_bytes_limit"][0].value >= 256 * 2**20
 
