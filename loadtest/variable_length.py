@@ -171,6 +171,32 @@ def _padding_counters(metrics_port: int, model: str) -> tuple[float, float]:
     return found["tensorwire_padding_elements"], found["tensorwire_padded_input_elements"]
 
 
+def in_process_cost(model_file: Path, vocab: int, lengths: tuple[int, ...] = (16, 64, 128)) -> list[dict[str, Any]]:
+    """ONNX Runtime alone (one intra-op thread, fastest of 15 runs): ms per sequence at batch 1 and 8 for each
+    length, so that the served numbers can be read against what batching buys this model at all."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    rng = np.random.default_rng(1)
+    rows = []
+    for length in lengths:
+        row: dict[str, Any] = {"length": length}
+        for batch in (1, 8):
+            x = rng.integers(1, vocab, size=(batch, length), dtype=np.int64)
+            session.run(None, {name: x})
+            times = []
+            for _ in range(15):
+                started = time.perf_counter()
+                session.run(None, {name: x})
+                times.append(time.perf_counter() - started)
+            row[f"batch{batch}_ms_per_sequence"] = min(times) / batch * 1e3
+        rows.append(row)
+    return rows
+
+
 def measure(ctx: Context) -> dict[str, Any]:
     """Both models on one server, one after the other, at CONCURRENCY (quick: 16 and a few seconds)."""
     from tensorwire.client import InferenceClient
@@ -206,7 +232,14 @@ def measure(ctx: Context) -> dict[str, Any]:
                 f"{report.fmt(row['padded_share'], '{:.1%}')}"
             )
             rows.append(row)
-    return {"rows": rows, "lengths": [MIN_LENGTH, MAX_LENGTH], "recipe": " ".join(RECIPE), "window_s": window_s}
+    cost = in_process_cost(next(source.glob("*/model.onnx")), vocab)
+    return {
+        "rows": rows,
+        "in_process": cost,
+        "lengths": [MIN_LENGTH, MAX_LENGTH],
+        "recipe": " ".join(RECIPE),
+        "window_s": window_s,
+    }
 
 
 COLUMNS = [
@@ -218,6 +251,13 @@ COLUMNS = [
     ("server_avg_batch", "average batch", "{:.2f}"),
     ("padded_share", "padded share", "{:.1%}"),
     ("errors", "errors", "{}"),
+]
+
+
+COST_COLUMNS = [
+    ("length", "tokens", "{}"),
+    ("batch1_ms_per_sequence", "batch 1", "{:.3f}"),
+    ("batch8_ms_per_sequence", "batch 8 (equal lengths)", "{:.3f}"),
 ]
 
 
@@ -238,4 +278,11 @@ def render(result: dict[str, Any], page: Page) -> str:
     off = next((r for r in rows if r["padding"] == "off"), None)
     if on and off and off.get("throughput_rps"):
         lines += ["", f"Padding on: {on['throughput_rps'] / off['throughput_rps']:.2f}× the throughput of padding off."]
+    if result.get("in_process"):
+        lines += [
+            "",
+            "What batching buys this model at all: ONNX Runtime alone, one thread, ms per sequence (fastest of 15):",
+            "",
+            report.markdown_table(result["in_process"], COST_COLUMNS),
+        ]
     return "\n".join(lines)
