@@ -223,6 +223,7 @@ class DynamicBatcher:
         self._padding = plan = signature.padding if signature is not None and self.combine else None
         self._pad_axes = {} if plan is None else {p.name: p.axis for p in plan.inputs}
         self._pad_scan = max(64, 4 * self.max_batch_size)  # queued requests one batch formation looks at
+        self._pad_left_out = False  # the last padded batch formed left queued requests out (padding bound, rows)
         if plan is not None:
             self._counters.pads = True  # the padding series are exported for this version
 
@@ -374,7 +375,11 @@ class DynamicBatcher:
             batch, rows, taken = self._peek(lane)
             reason = self._flush_reason(batch, rows)
             if reason is None:
-                return  # waiting for companions; the delay timer calls back
+                if not self._pad_left_out:
+                    return  # waiting for companions; the delay timer calls back
+                # Queued requests that cannot join this batch (padding bound, rows): waiting would leave the
+                # replica idle with work queued; they form the next batch.
+                reason = "replica_idle"
             for _ in range(taken):
                 lane.requests.popleft()
             lane.live -= len(batch)
@@ -440,6 +445,7 @@ class DynamicBatcher:
                 candidates.append(request)
                 if len(candidates) >= self._pad_scan:
                     break
+        self._pad_left_out = False
         if head is None:
             return [], 0, 0
         batch = [head]
@@ -456,12 +462,14 @@ class DynamicBatcher:
             for request in candidates:
                 new_rows = rows + request.rows
                 if new_rows > limit:
+                    self._pad_left_out = True
                     continue
                 new_longest = [max(longest[j], request.padded[j][0]) for j in inputs]
                 new_real = [real[j] + request.rows * request.padded[j][0] for j in inputs]
                 total = sum(new_rows * new_longest[j] * units[j] for j in inputs)
                 wasted = total - sum(new_real[j] * units[j] for j in inputs)
                 if wasted > allowed * total:
+                    self._pad_left_out = True
                     continue
                 batch.append(request)
                 rows, longest, real = new_rows, new_longest, new_real

@@ -186,6 +186,7 @@ class RaggedBackend:
     def __init__(self, sleep: float = 0.0) -> None:
         self.sleep = sleep
         self.batches: list[np.ndarray] = []
+        self.started: list[float] = []  # perf_counter when each batch began
         self.lock = threading.Lock()
 
     def run(self, inputs, output_names):
@@ -193,6 +194,7 @@ class RaggedBackend:
         assert mask.shape == tokens.shape and mask.dtype == np.int64
         with self.lock:
             self.batches.append(tokens.copy())
+            self.started.append(time.perf_counter())
         if self.sleep:
             time.sleep(self.sleep)
         mean = (tokens * mask).sum(axis=1, keepdims=True) / np.maximum(mask.sum(axis=1, keepdims=True), 1)
@@ -475,3 +477,29 @@ def test_a_real_server_forms_padded_batches_under_load(ragged_server):
     inferences = after["tensorwire_inference_count_total"] - before.get("tensorwire_inference_count_total", 0)
     assert inferences / executions > 1
     assert after["tensorwire_padding_elements_total"] > before.get("tensorwire_padding_elements_total", 0)
+
+
+def test_requests_the_padding_bound_keeps_out_do_not_make_the_replica_wait():
+    """A backlog of lengths that cannot share a batch: the batch of short ones goes as soon as the replica is
+    free, without waiting max_queue_delay_us for companions, since the long ones queued cannot join it (the
+    last batch, with nothing else queued, may wait: Triton's rule, as for any model)."""
+
+    async def scenario():
+        backend = RaggedBackend(sleep=0.05)
+        batcher = make_batcher(
+            backend,
+            asyncio.get_running_loop(),
+            ragged_signature(0.1),
+            max_queue_delay_us=2_000_000,
+            preferred_batch_sizes=[16],
+        )
+        first = batcher.submit(make_request(100, 1, 8))
+        await asyncio.sleep(0.01)
+        queued = [make_request(i, 1, 128 if i % 2 else 8) for i in range(6)]
+        await asyncio.gather(first, *(batcher.submit(r) for r in queued))
+        return backend
+
+    backend = asyncio.run(scenario())
+    shapes = [b.shape for b in backend.batches]
+    assert shapes == [(1, 8), (3, 8), (3, 128)]  # the oldest (length 8) first, its equals with it
+    assert backend.started[1] - backend.started[0] < 1.0  # right after the batch before it: no 2 s wait
