@@ -86,6 +86,7 @@ class InferenceRequest(WorkItem):
         "seq",
         "padded",
     )
+    padded: tuple[tuple[int, int], ...]
 
     def __init__(
         self,
@@ -108,9 +109,8 @@ class InferenceRequest(WorkItem):
         self.timer: asyncio.TimerHandle | None = None
         self.dispatch_ns = 0  # when its batch went to a replica: queue time = dispatch_ns - arrival_ns
         self.seq = 0
-        # Models that pad: per padded input, (its length on the padded axis, elements per unit of that length
-        # in one row); the batcher fills it in. None otherwise.
-        self.padded: tuple[tuple[int, int], ...] | None = None
+        # ``padded`` (models that pad only; unset otherwise, so other requests pay nothing for it): per padded
+        # input, (its length on the padded axis, elements per unit of that length in one row). Set by the batcher.
 
 
 def shape_key(inputs: dict[str, np.ndarray], batched: bool) -> tuple:
