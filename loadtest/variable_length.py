@@ -98,7 +98,10 @@ def make_repo(ctx: Context, source: Path) -> Path:
     if not any(spec.padding is not None for spec in config.inputs or []):
         raise RuntimeError(f"{source}/config.toml declares no padding; rebuild it (delete {source})")
     unpadded = config.model_copy(
-        update={"inputs": [spec.model_copy(update={"padding": None}) for spec in config.inputs]}
+        update={
+            key: [spec.model_copy(update={"padding": None}) for spec in getattr(config, key) or []] or None
+            for key in ("inputs", "outputs")
+        }
     )
     for name, variant in ((PADDED, config), (UNPADDED, unpadded)):
         shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns("config.toml", TOKENIZER))

@@ -503,3 +503,44 @@ def test_requests_the_padding_bound_keeps_out_do_not_make_the_replica_wait():
     shapes = [b.shape for b in backend.batches]
     assert shapes == [(1, 8), (3, 8), (3, 128)]  # the oldest (length 8) first, its equals with it
     assert backend.started[1] - backend.started[0] < 1.0  # right after the batch before it: no 2 s wait
+
+
+def test_the_variable_length_scenario_serves_one_file_with_padding_on_and_off(tmp_path):
+    """The benchmark scenario's repository (the model is trained there once; here a stand-in with the same
+    layout) and its section, from made-up numbers."""
+    from tensorwire.loadtest import variable_length
+    from tensorwire.loadtest.harness import Context, Page
+    from tensorwire.repository import load_model_config
+
+    ctx = Context(workdir=tmp_path / "work")
+    source = ctx.store / variable_length.MODEL
+    ragged_onnx(source.parent, variable_length.MODEL)
+    (source / variable_length.TOKENIZER).write_text('{"model": {"vocab": {"[PAD]": 0, "a": 1, "b": 2}}}')
+    repo = variable_length.make_repo(ctx, source)
+    padded = load_model_config(repo / variable_length.PADDED)
+    unpadded = load_model_config(repo / variable_length.UNPADDED)
+    assert padded.inputs[0].padding is not None and unpadded.inputs[0].padding is None
+    assert all(spec.padding is None for spec in unpadded.outputs)
+    assert (repo / variable_length.UNPADDED / "1" / "model.onnx").is_file()
+    assert not (repo / variable_length.PADDED / variable_length.TOKENIZER).exists()
+    assert variable_length._vocabulary(source) == 3
+    import onnx
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["INPUT0"], ["OUTPUT0"], to=TensorProto.FLOAT)],
+        "cast",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.INT64, ["batch", "len"])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", "len"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "cast.onnx"))
+    cost = variable_length.in_process_cost(tmp_path / "cast.onnx", 3, lengths=(4,))
+    assert cost[0]["length"] == 4 and cost[0]["batch1_ms_per_sequence"] > 0
+    rows = [
+        {"padding": "on", "concurrency": 64, "throughput_rps": 900.0, "latency_p99_ms": 80.0, "padded_share": 0.2},
+        {"padding": "off", "concurrency": 64, "throughput_rps": 600.0, "latency_p99_ms": 90.0, "padded_share": None},
+    ]
+    result = {"rows": rows, "in_process": cost, "lengths": [8, 128], "recipe": "--data jokes", "window_s": 30}
+    text = variable_length.render(result, Page(tmp_path / "B.md"))
+    assert "| on | 64 | 900 |" in text and "20.0%" in text and "1.50× the throughput" in text
