@@ -9,6 +9,7 @@
 - ``bare-baseline``: tensorwire against a bare grpc.aio server, unary and streaming, with server CPU
 - ``many-connections``: several perf_analyzer processes at once against each server
 - ``http-frontend``: HTTP/REST next to gRPC on one server (perf_analyzer ``-i http`` and ``-i grpc``)
+- ``variable-length``: the Transformer classifier on lengths 8-128 at concurrency 64, padding on and off
 - ``int8-served``: the INT8 CNN against the FP32 one, served and in process
 - ``sdk-overhead``: the client SDK against the raw gRPC stub; streams against unary calls
 - ``trainer-int8``: the trainer's INT8 and DDP table (``python -m tensorwire.trainer.bench_int8``)
@@ -28,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tensorwire.loadtest import frontends, report, workers_scaling
+from tensorwire.loadtest import frontends, report, variable_length, workers_scaling
 from tensorwire.loadtest.ceiling import latest_model_file, measure_ceiling, measure_model_ceiling
 from tensorwire.loadtest.harness import (
     BARE,
@@ -1044,6 +1045,15 @@ register(
         frontends.render,
         needs=("perf_analyzer",),
         minutes=2,
+    )
+)
+register(
+    Scenario(
+        "variable-length",
+        "Variable-length requests: the Transformer with padding on and off (lengths 8-128, concurrency 64)",
+        variable_length.measure,
+        variable_length.render,
+        minutes=3,
     )
 )
 register(

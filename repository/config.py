@@ -39,6 +39,7 @@ CONFIG_FILE = "config.toml"
 #: backend -> default model file / reported platform (derived from ``backends.BACKENDS``).
 DEFAULT_FILENAMES = default_filenames()
 PLATFORMS = platforms()
+_NAMED_FIELD = re.compile(r"([A-Za-z_][\w]*(?:\.\w+)*): (.*)", re.DOTALL)
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # used with fullmatch
 
 Datatype = Literal[DATATYPES]  # type: ignore[valid-type]
@@ -63,6 +64,80 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: The largest share of a padded batch's elements that may be padding, unless the config says otherwise.
+DEFAULT_MAX_PADDED_SHARE = 0.25
+
+_INT_RANGES = {
+    "INT8": (-(2**7), 2**7 - 1),
+    "INT16": (-(2**15), 2**15 - 1),
+    "INT32": (-(2**31), 2**31 - 1),
+    "INT64": (-(2**63), 2**63 - 1),
+    "UINT8": (0, 2**8 - 1),
+    "UINT16": (0, 2**16 - 1),
+    "UINT32": (0, 2**32 - 1),
+    "UINT64": (0, 2**64 - 1),
+}
+
+
+class Padding(_Strict):
+    """How a variable dimension is padded when requests of different lengths share a batch.
+
+    On an input (``[inputs.padding]``): ``value`` fills the padded positions (default 0); ``axis`` is the
+    variable dimension that is padded, an index into ``dims`` (so without the batch dimension; default: the
+    only -1 in ``dims``); ``mask`` optionally names a model input that clients do not send and the server
+    builds per batch: shape ``[batch, padded length]``, 1 where a position holds the request's data and 0
+    where it is padding, in the datatype the model file declares for it (a Hugging Face
+    ``attention_mask``).
+
+    On an output (``[outputs.padding]``): ``input`` names the padded input whose length this output's
+    ``axis`` (default: its only -1) follows; each request gets that axis cut back to its own length. An
+    output without ``padding`` is returned whole per row (e.g. a pooled classifier's logits).
+    """
+
+    value: int | float | bool | None = None
+    axis: Annotated[int, Field(ge=0)] | None = None
+    mask: Annotated[str, Field(min_length=1)] | None = None
+    input: Annotated[str, Field(min_length=1)] | None = None
+
+    @property
+    def pad_value(self) -> int | float | bool:
+        """The value padded positions hold (0 when not given)."""
+        return 0 if self.value is None else self.value
+
+
+def _padded_axis(padding: Padding, dims: list[int], where: str) -> int:
+    """The padded axis of a tensor with ``dims`` (given or the only variable one); ValueError naming ``where``."""
+    variable = [axis for axis, dim in enumerate(dims) if dim == -1]
+    if padding.axis is None:
+        if len(variable) != 1:
+            raise ValueError(
+                f"{where}: dims {dims} have {len(variable)} variable (-1) dimensions; say which one is padded "
+                "with axis = N (an index into dims, which exclude the batch dimension)"
+            )
+        return variable[0]
+    if padding.axis >= len(dims) or dims[padding.axis] != -1:
+        raise ValueError(
+            f"{where}.axis: {padding.axis} is not a variable (-1) dimension of dims {dims} (which exclude the "
+            f"batch dimension); the variable ones are at {variable}"
+        )
+    return padding.axis
+
+
+def _check_pad_value(value: int | float | bool, datatype: str, where: str) -> None:
+    if datatype == "BYTES":
+        raise ValueError(f"{where}: BYTES inputs cannot be padded (strings have no fixed size to pad)")
+    if datatype == "BOOL":
+        if not isinstance(value, bool) and value not in (0, 1):
+            raise ValueError(f"{where}.value: {value!r} is not a BOOL (use true, false, 0 or 1)")
+        return
+    if datatype in _INT_RANGES:
+        low, high = _INT_RANGES[datatype]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{where}.value: {value!r} is not a {datatype} (an integer in [{low}, {high}])")
+    elif isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{where}.value: {value!r} is not a finite number for {datatype}")
+
+
 class TensorSpec(_Strict):
     """One input or output as clients see it: ``dims`` exclude the batch dimension, -1 = variable.
 
@@ -77,6 +152,7 @@ class TensorSpec(_Strict):
     datatype: Datatype
     dims: list[Dim]
     reshape: list[Dim] | None = None
+    padding: Padding | None = None
 
     @field_validator("dims", "reshape")
     @classmethod
@@ -100,6 +176,11 @@ class TensorSpec(_Strict):
                 f"{self.dims} hold {math.prod(self.dims)}; they must hold the same number"
             )
         return self
+
+    @property
+    def padded_axis(self) -> int | None:
+        """The padded axis (index into ``dims``), or None when this tensor is not padded (validated)."""
+        return None if self.padding is None else _padded_axis(self.padding, self.dims, self.name)
 
     @property
     def model_dims(self) -> list[int]:
@@ -143,6 +224,9 @@ class DynamicBatching(_Strict):
     default_timeout_us: Annotated[int, Field(ge=0)] = 0
     priority_levels: Annotated[int, Field(ge=1, le=16)] = 1
     default_priority_level: Annotated[int, Field(ge=0)] = 0
+    # The largest share of a padded batch's input elements that may be padding (only for inputs with
+    # ``padding``): requests of different lengths share a batch only while the padding stays under it.
+    max_padded_share: Annotated[float, Field(ge=0.0, lt=1.0)] = DEFAULT_MAX_PADDED_SHARE
 
     @model_validator(mode="after")
     def _levels(self) -> DynamicBatching:
@@ -220,6 +304,55 @@ class ModelConfigFile(_Strict):
             )
         return batching
 
+    @model_validator(mode="after")
+    def _padding_consistent(self) -> ModelConfigFile:
+        """Padding declarations agree with the tensors (errors name ``inputs.N.padding...``)."""
+        inputs, outputs = self.inputs or [], self.outputs or []
+        padded: dict[str, TensorSpec] = {}
+        masks: set[str] = set()
+        names = {spec.name for spec in inputs}
+        for i, spec in enumerate(inputs):
+            if spec.padding is None:
+                continue
+            where = f"inputs.{i}.padding"
+            p = spec.padding
+            if p.input is not None:
+                raise ValueError(f"{where}.input: is for outputs (the input an output's length follows); remove it")
+            if spec.reshape is not None and spec.reshape != spec.dims:
+                raise ValueError(f"{where}: a padded input cannot also be reshaped")
+            _padded_axis(p, spec.dims, where)
+            _check_pad_value(p.pad_value, spec.datatype, where)
+            if p.mask is not None:
+                if p.mask in names:
+                    raise ValueError(
+                        f"{where}.mask: {p.mask!r} is also listed in inputs; the server builds the mask, so clients "
+                        "do not send it: remove it from inputs"
+                    )
+                if p.mask in masks:
+                    raise ValueError(f"{where}.mask: {p.mask!r} is built for another input already; name it once")
+                masks.add(p.mask)
+            padded[spec.name] = spec
+        if padded and self.max_batch_size == 0:
+            raise ValueError(
+                "max_batch_size: 0 (no batch dimension), but inputs with padding need a batch dimension to pad "
+                "across; set max_batch_size > 0 or remove padding"
+            )
+        for i, spec in enumerate(outputs):
+            if spec.padding is None:
+                continue
+            where = f"outputs.{i}.padding"
+            p = spec.padding
+            if p.value is not None or p.mask is not None:
+                raise ValueError(f"{where}: value and mask are for inputs; an output's padding has input and axis")
+            if p.input is None:
+                raise ValueError(f"{where}.input: missing; name the padded input whose length this output follows")
+            if p.input not in padded:
+                raise ValueError(
+                    f"{where}.input: {p.input!r} is not a padded input; padded inputs: {sorted(padded) or 'none'}"
+                )
+            _padded_axis(p, spec.dims, where)
+        return self
+
     @field_validator("default_model_filename")
     @classmethod
     def _plain_file_name(cls, name: str | None) -> str | None:
@@ -266,6 +399,9 @@ def _describe(error: dict[str, Any]) -> str:
     message = error["msg"]
     if error["type"] == "value_error":  # our own validators: drop pydantic's "Value error, " prefix
         message = message.removeprefix("Value error, ")
+        named = _NAMED_FIELD.match(message)
+        if named and not error["loc"]:  # a whole-config check that names its field first: "inputs.0.padding: ..."
+            where, message = named.group(1), named.group(2)
     if error["type"] == "extra_forbidden":
         message = "unknown key (check its spelling and section)"
     elif error["type"] == "literal_error":

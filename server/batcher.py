@@ -25,6 +25,13 @@ Queues: one lane per priority level and per non-batch shape (requests share a ba
 non-batch shapes agree), each a deque in arrival order. Forming a batch touches only the requests it takes
 (and any cancelled ones ahead of them): no step is O(queue).
 
+Padding (models whose config gives inputs a ``padding``): the padded axis is left out of the lane key, so
+requests of every length share a lane, and a batch is the lane's oldest request plus the queued companions
+closest to it in length (of the first few hundred at most) that keep the batch's padding within
+``max_padded_share`` of its padded inputs' elements: one long request never inflates many short ones, and
+a request that does not fit now is the oldest, and so in a batch, soon. The padding itself is done by the
+replica's ``Executor`` (in its thread); the batcher counts the padded elements of each batch it sends.
+
 Deadlines are enforced by timers, not when a batch finishes: an expired queued request is answered
 DEADLINE_EXCEEDED and is never executed; a cancelled one is dropped from the queue and never executed.
 Only requests that carry a deadline get a timer.
@@ -39,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
+import math
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -76,7 +84,9 @@ class InferenceRequest(WorkItem):
         "timer",
         "dispatch_ns",
         "seq",
+        "padded",
     )
+    padded: tuple[tuple[int, int], ...]
 
     def __init__(
         self,
@@ -99,11 +109,39 @@ class InferenceRequest(WorkItem):
         self.timer: asyncio.TimerHandle | None = None
         self.dispatch_ns = 0  # when its batch went to a replica: queue time = dispatch_ns - arrival_ns
         self.seq = 0
+        # ``padded`` (models that pad only; unset otherwise, so other requests pay nothing for it): per padded
+        # input, (its length on the padded axis, elements per unit of that length in one row). Set by the batcher.
 
 
 def shape_key(inputs: dict[str, np.ndarray], batched: bool) -> tuple:
     """Requests may share a batch only when their non-batch shapes agree."""
     return tuple((name, array.shape[1:] if batched else array.shape) for name, array in inputs.items())
+
+
+def padded_key(key: tuple, axes: dict[str, int]) -> tuple:
+    """The lane key of a request to a model that pads: its ``shape_key`` with each padded input's padded
+    axis (``axes``: name -> index into the non-batch shape) set to -1, so that requests differing only in
+    padded lengths share a lane."""
+    out = []
+    for name, dims in key:
+        axis = axes.get(name)
+        if axis is not None:
+            dims = (*dims[:axis], -1, *dims[axis + 1 :])
+        out.append((name, dims))
+    return tuple(out)
+
+
+def padding_of(batch: Sequence[InferenceRequest]) -> tuple[int, int]:
+    """(padding elements the batch needs, elements of its padded inputs once padded, padding included)."""
+    rows = sum(request.rows for request in batch)
+    real = padded = 0
+    first = batch[0].padded or ()
+    for j in range(len(first)):
+        unit = first[j][1]
+        longest = max(request.padded[j][0] for request in batch)
+        padded += rows * longest * unit
+        real += sum(request.rows * request.padded[j][0] for request in batch) * unit
+    return padded - real, padded
 
 
 def loop_is_quiet(loop: asyncio.AbstractEventLoop) -> bool:
@@ -179,6 +217,15 @@ class DynamicBatcher:
         # The largest fixed cost a batch can have (ns): an arrival gap above it never makes a batch wait.
         profiles = [r.profile for r in self._replicas if r.profile is not None]
         self._overhead_bound_ns = max((p.fixed_ns + p.hop_ns for p in profiles), default=0.0)
+        # Models whose config pads variable dimensions: requests of different lengths share a lane, and a
+        # batch takes only companions that keep its padding within the plan's share (see _peek_padded).
+        signature = getattr(self._replicas[0].executor, "signature", None) if self._replicas else None
+        self._padding = plan = signature.padding if signature is not None and self.combine else None
+        self._pad_axes = {} if plan is None else {p.name: p.axis for p in plan.inputs}
+        self._pad_scan = max(64, 4 * self.max_batch_size)  # queued requests one batch formation looks at
+        self._pad_left_out = False  # the last padded batch formed left queued requests out (padding bound, rows)
+        if plan is not None:
+            self._counters.pads = True  # the padding series are exported for this version
 
     # ------------------------------------------------------------ intake
 
@@ -223,6 +270,8 @@ class DynamicBatcher:
         if request.deadline is not None:
             request.timer = loop.call_at(request.deadline, self._expire, request)
         request.seq = next(_arrivals)
+        if self._padding is not None:
+            self._pad_request(request)
         lanes = self._levels[request.priority]
         lane = lanes.get(request.shape_key)
         if lane is None:
@@ -254,6 +303,16 @@ class DynamicBatcher:
                 self._schedule_pending = True
                 loop.call_soon(self._deferred_schedule)
         return future
+
+    def _pad_request(self, request: InferenceRequest) -> None:
+        """Give a request to a padding model its lane key (padded lengths left out) and its padded lengths."""
+        axes = self._pad_axes
+        padded = []
+        for name, axis in axes.items():
+            shape = request.inputs[name].shape[1:]
+            padded.append((shape[axis], math.prod(shape[:axis] + shape[axis + 1 :])))
+        request.padded = tuple(padded)
+        request.shape_key = padded_key(request.shape_key, axes)
 
     def _deferred_schedule(self) -> None:
         self._schedule_pending = False
@@ -316,7 +375,11 @@ class DynamicBatcher:
             batch, rows, taken = self._peek(lane)
             reason = self._flush_reason(batch, rows)
             if reason is None:
-                return  # waiting for companions; the delay timer calls back
+                if not self._pad_left_out:
+                    return  # waiting for companions; the delay timer calls back
+                # Queued requests that cannot join this batch (padding bound, rows): waiting would leave the
+                # replica idle with work queued; they form the next batch.
+                reason = "replica_idle"
             for _ in range(taken):
                 lane.requests.popleft()
             lane.live -= len(batch)
@@ -345,6 +408,8 @@ class DynamicBatcher:
     def _peek(self, lane: _Lane) -> tuple[list[InferenceRequest], int, int]:
         """The next batch from ``lane``: FIFO up to max_batch_size rows (one request when not combining).
         Returns (requests, rows, how many deque entries it spans, cancelled ones included)."""
+        if self._padding is not None:
+            return self._peek_padded(lane)
         batch: list[InferenceRequest] = []
         rows = taken = 0
         limit = self.max_batch_size
@@ -358,6 +423,64 @@ class DynamicBatcher:
             rows += request.rows
             taken += 1
             if rows >= limit:
+                break
+        return batch, rows, taken
+
+    def _peek_padded(self, lane: _Lane) -> tuple[list[InferenceRequest], int, int]:
+        """The next batch of a model that pads: the lane's oldest request and, closest in length first, the
+        queued companions that keep the batch within max_batch_size rows and its padding within the share.
+
+        Looks at the first ``_pad_scan`` queued requests of the lane (never the whole queue). The oldest
+        request always goes, so every request is the oldest one day: none is passed over for ever. Returns
+        (requests, rows, how many leading deque entries are taken or dead), like ``_peek``; chosen requests
+        further back stay in the deque, marked running, until they reach its front."""
+        head = None
+        candidates: list[InferenceRequest] = []
+        for request in lane.requests:
+            if request.state is not QUEUED:
+                continue
+            if head is None:
+                head = request
+            else:
+                candidates.append(request)
+                if len(candidates) >= self._pad_scan:
+                    break
+        self._pad_left_out = False
+        if head is None:
+            return [], 0, 0
+        batch = [head]
+        rows = head.rows
+        limit = self.max_batch_size
+        inputs = range(len(head.padded))
+        longest = [head.padded[j][0] for j in inputs]
+        units = [head.padded[j][1] for j in inputs]
+        real = [head.rows * longest[j] for j in inputs]
+        allowed = self._padding.max_share
+        if rows < limit and candidates:
+            size = sum(length * unit for length, unit in head.padded)
+            candidates.sort(key=lambda r: abs(sum(length * unit for length, unit in r.padded) - size))
+            for request in candidates:
+                new_rows = rows + request.rows
+                if new_rows > limit:
+                    self._pad_left_out = True
+                    continue
+                new_longest = [max(longest[j], request.padded[j][0]) for j in inputs]
+                new_real = [real[j] + request.rows * request.padded[j][0] for j in inputs]
+                total = sum(new_rows * new_longest[j] * units[j] for j in inputs)
+                wasted = total - sum(new_real[j] * units[j] for j in inputs)
+                if wasted > allowed * total:
+                    self._pad_left_out = True
+                    continue
+                batch.append(request)
+                rows, longest, real = new_rows, new_longest, new_real
+                if rows >= limit:
+                    break
+        chosen = {id(request) for request in batch}
+        taken = 0
+        for request in lane.requests:
+            if request.state is not QUEUED or id(request) in chosen:
+                taken += 1
+            else:
                 break
         return batch, rows, taken
 
@@ -430,6 +553,8 @@ class DynamicBatcher:
         self._counters.pending -= n
         replica = self._idle.pop()
         self._running_since[replica.index] = (now, n)
+        if self._padding is not None:
+            self.stats.record_padding(*padding_of(batch))
         if replica.inline(rows):
             self._complete(replica, batch, rows, reason, replica.run_inline(batch))
         else:

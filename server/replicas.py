@@ -77,6 +77,25 @@ def _concatenate(items: Sequence[WorkItem], names: Sequence[str]) -> dict[str, n
     return {name: np.concatenate([item.inputs[name] for item in items]) for name in names}
 
 
+def _pad_batch(arrays: Sequence[np.ndarray], axis: int, length: int, value: int | float | bool) -> np.ndarray:
+    """Stack requests' arrays (batch dimension first) into one batch, each padded with ``value`` to ``length``
+    along ``axis`` (an axis of the arrays, so counting the batch dimension); every other dimension agrees."""
+    first = arrays[0]
+    shape = list(first.shape)
+    shape[0] = sum(array.shape[0] for array in arrays)
+    shape[axis] = length
+    batch = np.full(shape, value, dtype=first.dtype)
+    index: list[slice] = [slice(None)] * first.ndim
+    start = 0
+    for array in arrays:
+        stop = start + array.shape[0]
+        index[0] = slice(start, stop)
+        index[axis] = slice(0, array.shape[axis])
+        batch[tuple(index)] = array
+        start = stop
+    return batch
+
+
 def _datatype_fits(dtype: np.dtype, datatype: str) -> bool:
     """Whether an output array of ``dtype`` can be sent as ``datatype`` (values are checked on encode)."""
     if datatype == "BYTES":
@@ -89,8 +108,18 @@ def _datatype_fits(dtype: np.dtype, datatype: str) -> bool:
     return not (dtype.kind == "f" and target.kind in "iub")
 
 
+def mask_dtype(datatype: str | None) -> np.dtype:
+    """The numpy dtype of a mask the server builds, from the model's datatype for it (BOOL: numpy's bool)."""
+    return np.dtype(np.bool_) if datatype == "BOOL" else NUMPY_DTYPES[datatype or "INT64"]
+
+
 class Executor:
-    """Runs batches on one backend: concatenate, run, check, split, encode; isolates failures."""
+    """Runs batches on one backend: concatenate (or pad), run, check, split, encode; isolates failures.
+
+    For a model whose signature has a padding plan, requests of different lengths are padded to the
+    batch's longest along each padded input's axis (the replica's thread does this, never the event
+    loop), masks the server builds are added, and outputs that follow a padded input's length are cut back
+    to each request's own length; other outputs are returned whole per row."""
 
     def __init__(self, backend: Backend, signature: Signature, label: str) -> None:
         self.backend = backend
@@ -103,6 +132,16 @@ class Executor:
         # whether they are all fixed (then one tuple comparison checks them).
         self._expected = [(t, tuple(t.dims), -1 not in t.dims) for t in signature.outputs]
         self._dtype_fits: dict[tuple[str, np.dtype], bool] = {}  # (output, dtype) -> _datatype_fits
+        # Padding (models whose config pads variable dimensions): axes counted with the batch dimension.
+        plan = signature.padding
+        self._pad_inputs = {}
+        self._pad_outputs = {}
+        if plan is not None:
+            self._pad_inputs = {
+                p.name: (p.axis + 1, p.value, p.mask, None if p.mask is None else mask_dtype(p.mask_datatype))
+                for p in plan.inputs
+            }
+            self._pad_outputs = {p.name: (p.axis + 1, p.input, self._pad_inputs[p.input][0]) for p in plan.outputs}
 
     def execute(self, items: Sequence[WorkItem]) -> BatchOutcome:
         """Run one batch and answer each item with its own rows of each output it asked for.
@@ -120,7 +159,7 @@ class Executor:
         t0 = time.perf_counter_ns()
         rows = items[0].rows if len(items) == 1 else sum(item.rows for item in items)
         try:
-            feeds = _concatenate(items, self._input_names)
+            feeds = self._padded(items, rows) if self._pad_inputs else _concatenate(items, self._input_names)
             t1 = time.perf_counter_ns()
             outputs = self.backend.run(feeds, self._output_names)
             self._check_outputs(outputs, rows)
@@ -155,12 +194,47 @@ class Executor:
         timings.input_ns, timings.infer_ns, timings.output_ns, timings.executions = t1 - t0, t2 - t1, t3 - t2, 1
         return BatchOutcome(results, timings)
 
+    def _padded(self, items: Sequence[WorkItem], rows: int) -> dict[str, np.ndarray]:
+        """The batch's feeds for a model that pads: padded inputs padded to the batch's longest request, and
+        each mask the server builds (1 on a request's own positions, 0 on padding, ``[rows, length]``)."""
+        feeds = {}
+        for name in self._input_names:
+            arrays = [item.inputs[name] for item in items]
+            pad = self._pad_inputs.get(name)
+            if pad is None:
+                feeds[name] = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+                continue
+            axis, value, mask, dtype = pad
+            lengths = [array.shape[axis] for array in arrays]
+            length = max(lengths)
+            if len(arrays) == 1:
+                feeds[name] = arrays[0]
+            elif min(lengths) == length:
+                feeds[name] = np.concatenate(arrays)
+            else:
+                feeds[name] = _pad_batch(arrays, axis, length, value)
+            if mask is not None:
+                built = np.zeros((rows, length), dtype)
+                start = 0
+                for array, own in zip(arrays, lengths, strict=True):
+                    built[start : start + array.shape[0], :own] = 1
+                    start += array.shape[0]
+                feeds[mask] = built
+        return feeds
+
     def _encode(
         self, outputs: dict[str, np.ndarray], item: WorkItem, start: int, stop: int, split: bool
     ) -> list[EncodedTensor]:
         encoded = []
         for name in item.outputs:
             array = outputs[name][start:stop] if split else outputs[name]
+            if self._pad_outputs and name in self._pad_outputs:
+                axis, source, source_axis = self._pad_outputs[name]
+                own = item.inputs[source].shape[source_axis]
+                if array.shape[axis] != own:  # the batch was padded past this request's length: cut it back
+                    index = [slice(None)] * array.ndim
+                    index[axis] = slice(0, own)
+                    array = array[tuple(index)]
             try:
                 datatype, shape, raw = encode_raw(array, self._datatypes[name])
             except CodecError as err:

@@ -38,10 +38,47 @@ class TensorSig:
 
 
 @dataclass(frozen=True)
+class PaddedInput:
+    """An input whose ``axis`` (index into its dims, without the batch dimension) is padded with ``value``
+    when requests of different lengths share a batch; ``mask``: the model input the server builds for it
+    (``[batch, padded length]`` of ``mask_datatype``: 1 on the request's positions, 0 on padding), or None."""
+
+    name: str
+    axis: int
+    value: int | float | bool
+    mask: str | None = None
+    mask_datatype: str | None = None
+
+
+@dataclass(frozen=True)
+class PaddedOutput:
+    """An output whose ``axis`` (index into its dims) has the padded length of ``input``: each request
+    gets it cut back to its own length of that input."""
+
+    name: str
+    axis: int
+    input: str
+
+
+@dataclass(frozen=True)
+class PaddingPlan:
+    """How a model's batches are padded: its padded inputs and outputs, and the largest share of the padded
+    inputs' elements a batch may spend on padding (``dynamic_batching.max_padded_share``)."""
+
+    inputs: tuple[PaddedInput, ...]
+    outputs: tuple[PaddedOutput, ...]
+    max_share: float
+
+
+@dataclass(frozen=True)
 class Signature:
+    """The tensors as served (``dims`` without the batch dimension) and, for models that pad variable
+    dimensions, the ``padding`` plan (None: requests share a batch only when their shapes agree)."""
+
     inputs: tuple[TensorSig, ...]
     outputs: tuple[TensorSig, ...]
     max_batch_size: int
+    padding: PaddingPlan | None = None
     batched: bool = field(init=False)
     output_names: list[str] = field(init=False)
 
@@ -99,7 +136,9 @@ def _all_from_model(infos: list[TensorInfo] | None, max_batch_size: int, what: s
     return sigs
 
 
-def _check(config_sigs: list[TensorSig], model_sigs: list[TensorSig] | None, what: str) -> None:
+def _check(
+    config_sigs: list[TensorSig], model_sigs: list[TensorSig] | None, what: str, built: frozenset[str] = frozenset()
+) -> None:
     if model_sigs is None:
         return
     by_name = {t.name: t for t in model_sigs}
@@ -118,7 +157,7 @@ def _check(config_sigs: list[TensorSig], model_sigs: list[TensorSig] | None, wha
                 "(without the batch dimension)"
             )
     if what == "input":
-        missing = set(by_name) - {s.name for s in config_sigs}
+        missing = set(by_name) - {s.name for s in config_sigs} - built
         if missing:
             raise ModelLoadError(f"the model also needs inputs {sorted(missing)}, which config.toml does not list")
 
@@ -133,9 +172,10 @@ def resolve_signature(
     mbs = config.max_batch_size
     from_model_in = _all_from_model(model_inputs, mbs, "input")
     from_model_out = _all_from_model(model_outputs, mbs, "output")
+    masks = frozenset(s.padding.mask for s in config.inputs or [] if s.padding is not None and s.padding.mask)
     if config.inputs is not None:
         inputs = [_from_spec(s) for s in config.inputs]
-        _check(inputs, from_model_in, "input")
+        _check(inputs, from_model_in, "input", masks)
     elif from_model_in is not None:
         inputs = from_model_in
     else:
@@ -147,7 +187,56 @@ def resolve_signature(
         outputs = from_model_out
     else:
         raise ModelLoadError("this backend cannot read tensor names from the model file: list outputs in config.toml")
-    return Signature(tuple(inputs), tuple(outputs), config.max_batch_size)
+    padding = _padding_plan(config, outputs, from_model_in)
+    return Signature(tuple(inputs), tuple(outputs), config.max_batch_size, padding)
+
+
+def _padding_plan(
+    config: ModelConfigFile, outputs: list[TensorSig], model_inputs: list[TensorSig] | None
+) -> PaddingPlan | None:
+    """The padding plan of a model whose config pads inputs (None when none is padded).
+
+    Raises ModelLoadError when the model has no batch dimension, when an output has a variable dimension
+    that the config does not tie to a padded input (its length in a padded batch would not be the
+    request's), or when a mask input is not in the model file or the backend cannot tell its datatype."""
+    padded = [(spec, spec.padded_axis) for spec in config.inputs or [] if spec.padding is not None]
+    if not padded:
+        return None
+    if not config.max_batch_size:
+        raise ModelLoadError("padded inputs need a batch dimension, but the model is served with max_batch_size 0")
+    by_model = {t.name: t for t in model_inputs or []}
+    plan_inputs = []
+    for spec, axis in padded:
+        mask, mask_datatype = spec.padding.mask, None
+        if mask is not None:
+            found = by_model.get(mask)
+            if found is None:
+                raise ModelLoadError(
+                    f"input {spec.name!r}: padding.mask {mask!r} is not an input of the model file"
+                    + ("" if model_inputs is not None else " (this backend cannot list the model's inputs)")
+                )
+            if found.datatype not in ("BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "FP16", "FP32", "FP64"):
+                raise ModelLoadError(f"mask input {mask!r} is {found.datatype} in the model file; it must be numeric")
+            if len(found.dims) != 1:
+                raise ModelLoadError(
+                    f"mask input {mask!r} has dims {list(found.dims)} (without the batch dimension); the server builds "
+                    "[batch, length] masks"
+                )
+            mask_datatype = found.datatype
+        plan_inputs.append(PaddedInput(spec.name, axis, spec.padding.pad_value, mask, mask_datatype))
+    declared = {spec.name: spec for spec in config.outputs or [] if spec.padding is not None}
+    plan_outputs = []
+    for sig in outputs:
+        spec = declared.get(sig.name)
+        if spec is not None:
+            plan_outputs.append(PaddedOutput(sig.name, spec.padded_axis, spec.padding.input))
+        elif -1 in sig.dims:
+            raise ModelLoadError(
+                f"output {sig.name!r} has a variable dimension {list(sig.dims)}, and inputs of this model are padded: "
+                'say which padded input\'s length it follows (list it in outputs with padding = {input = "..."}) so '
+                "that each request gets its own length back"
+            )
+    return PaddingPlan(tuple(plan_inputs), tuple(plan_outputs), config.dynamic_batching.max_padded_share)
 
 
 def check_input(signature: Signature, name: str, datatype: str, shape: tuple[int, ...]) -> TensorSig:

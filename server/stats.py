@@ -193,6 +193,9 @@ class VersionCounters:
     compute_seconds: Buckets = field(default_factory=lambda: Buckets(_LATENCY_BUCKETS))
     batch_rows: Buckets = field(default_factory=lambda: Buckets(_BATCH_BUCKETS))
     busy_ns: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))  # (device, replica)
+    pads: bool = False  # the model pads variable dimensions: the padding series below are exported
+    padding_elements: int = 0  # elements of padding added to batches
+    padded_input_elements: int = 0  # elements of padded inputs in batches, padding included
 
 
 #: The per-version families: (name, type, help, extra label). Names and meanings are the public contract
@@ -234,6 +237,18 @@ VERSION_FAMILIES: tuple[tuple[str, str, str, str], ...] = (
     ("tensorwire_batch_size", "histogram", "Rows per batch run, failed ones included", ""),
     ("tensorwire_batch_flush", "counter", "Batches dispatched, by why they were dispatched", "reason"),
     ("tensorwire_replica_busy_seconds", "counter", "Time replicas spent executing", "device,replica"),
+    (
+        "tensorwire_padding_elements",
+        "counter",
+        "Elements of padding added to batches of requests of different lengths (models that pad only)",
+        "",
+    ),
+    (
+        "tensorwire_padded_input_elements",
+        "counter",
+        "Elements of padded inputs in the batches sent, padding included; padding_elements / this is the padded share",
+        "",
+    ),
 )
 
 
@@ -276,6 +291,9 @@ class VersionCollector(Collector):
                 f["tensorwire_batch_flush"].add_metric([*key, reason], count)
             for (device, replica), ns in dict(c.busy_ns).items():
                 f["tensorwire_replica_busy_seconds"].add_metric([*key, device, replica], ns / 1e9)
+            if c.pads:
+                f["tensorwire_padding_elements"].add_metric(key, c.padding_elements)
+                f["tensorwire_padded_input_elements"].add_metric(key, c.padded_input_elements)
         return families.values()
 
 
@@ -429,6 +447,13 @@ class ModelVersionStats:
         c.compute_infer.ns += infer_ns * n
         c.compute_output.count += n
         c.compute_output.ns += output_ns * n
+
+    def record_padding(self, padding: int, elements: int) -> None:
+        """A batch of a model that pads was sent with ``padding`` elements of padding among the ``elements``
+        of its padded inputs (padding included)."""
+        c = self.counters
+        c.padding_elements += padding
+        c.padded_input_elements += elements
 
     # ----------------------------------------------------- from the front-end
 

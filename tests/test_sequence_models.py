@@ -14,7 +14,7 @@ from serving import running_server  # noqa: E402
 from trained_runs import quick_run  # noqa: E402
 
 from tensorwire.client import InferenceClient  # noqa: E402
-from tensorwire.repository import load_model_config  # noqa: E402
+from tensorwire.repository import load_model_config, write_model_config  # noqa: E402
 from tensorwire.trainer.artifacts import load_trained, onnx_session, predict_onnx, predict_torch  # noqa: E402
 from tensorwire.trainer.config import ExportOptions, PublishOptions  # noqa: E402
 from tensorwire.trainer.data import DataSpec, load_splits  # noqa: E402
@@ -123,3 +123,34 @@ def test_token_models_publish_and_serve_as_int64_of_any_length(exported, tmp_pat
                 x[0, length // 2 :] = 0
                 got = client.infer(name, {"INPUT0": x})["OUTPUT0"]
                 np.testing.assert_allclose(got, predict_torch(model, x), atol=1e-4)
+
+
+def test_the_served_transformer_pads_requests_of_different_lengths_into_shared_batches(exported, tmp_path):
+    """The published config declares INPUT0's 0-padding, so concurrent requests of different lengths share
+    padded batches; each answer equals the eager model's on that request alone (within float tolerance)."""
+    import asyncio
+
+    from tensorwire.client import AsyncInferenceClient
+
+    run, _ = exported
+    repo = tmp_path / "models"
+    publish(PublishOptions(run=str(run.root), repo=str(repo)), fmt="onnx", name="jokes")
+    assert load_model_config(repo / "jokes").inputs[0].padding.pad_value == 0
+    model, _ = load_trained(run.best)
+    rng = np.random.default_rng(11)
+    arrays = [rng.integers(1, 200, size=(1, int(n)), dtype=np.int64) for n in rng.integers(1, 60, size=32)]
+    # The published delay (500 µs) is short; a longer one makes shared batches certain on a busy machine.
+    config = load_model_config(repo / "jokes")
+    batching = config.dynamic_batching.model_copy(update={"max_queue_delay_us": 200_000, "max_padded_share": 0.9})
+    write_model_config(config.model_copy(update={"dynamic_batching": batching}), repo / "jokes")
+
+    async def together(address):
+        async with AsyncInferenceClient(address) as client:
+            return await asyncio.gather(*(client.infer("jokes", {"INPUT0": x}) for x in arrays))
+
+    with running_server(repo, "--drain-seconds", "0") as server, InferenceClient(server.address) as client:
+        results = asyncio.run(together(server.address))
+        stats = client.model_statistics("jokes").model_stats[0]
+    for x, result in zip(arrays, results, strict=True):
+        np.testing.assert_allclose(result["OUTPUT0"], predict_torch(model, x), atol=1e-4)
+    assert stats.execution_count < stats.inference_count  # some requests of different lengths shared a run

@@ -24,6 +24,7 @@ from tensorwire.repository import (
     DynamicBatching,
     InstanceGroup,
     ModelConfigFile,
+    Padding,
     RepositoryConfigError,
     TensorSpec,
     VersionPolicy,
@@ -123,9 +124,10 @@ def _accuracy_metadata(run: RunFolder, fmt: str, opts: PublishOptions) -> dict[s
 
 
 def input_spec(spec: dict[str, Any]) -> TensorSpec:
-    """INPUT0 as the model takes it: FP32 features, or INT64 token ids of any length (0 = padding)."""
+    """INPUT0 as the model takes it: FP32 features, or INT64 token ids of any length (0 = padding, masked by
+    the model, so the server may pad requests of different lengths into one batch)."""
     if spec.get("input_dtype") == "int64":
-        return TensorSpec(name=INPUT_NAME, datatype="INT64", dims=[-1])
+        return TensorSpec(name=INPUT_NAME, datatype="INT64", dims=[-1], padding=Padding(value=0))
     return TensorSpec(name=INPUT_NAME, datatype="FP32", dims=list(spec["input_shape"]))
 
 
