@@ -20,7 +20,12 @@ mapping to HTTP gives it (``google.rpc.Code``) and Triton's HTTP endpoint uses w
 INVALID_ARGUMENT and FAILED_PRECONDITION 400, UNAUTHENTICATED 401, NOT_FOUND 404, RESOURCE_EXHAUSTED 429
 (queue full: with ``Retry-After``; a body over the size limit: 413), CANCELLED 499, INTERNAL 500,
 UNAVAILABLE 503, DEADLINE_EXCEEDED 504. A body that is not a v2 request is 400 and counted ``malformed``;
-a compressed request body (``Content-Encoding``) is 415.
+a compressed request body (``Content-Encoding``) is 415, on any path.
+
+Bodies are never decompressed (aiohttp's ``auto_decompress`` is off): a compressed body is refused unread, and
+what the client sends with a refused request is discarded as raw bytes. A body the client breaks (a malformed
+chunk, a connection dropped mid-body) is one rate-limited warning (``event=bad_http_request``), never a traceback:
+such failures are the client's, and anyone on the network could otherwise flood the log.
 
 Cost of a refusal: a request without the token (or, with mutual TLS, without a verified client
 certificate) is answered 401 on its headers, before its body is read; whatever body the client sends anyway
@@ -43,10 +48,13 @@ import json
 import logging
 import math
 import ssl
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from aiohttp.web_request import BaseRequest
 
 from tensorwire.server.dataplane import DataPlane, internal_error
@@ -96,6 +104,9 @@ _MESSAGE_UNAUTHENTICATED = "missing or invalid bearer token (send the header 'Au
 _MESSAGE_NO_CERTIFICATE = "this server requires a client certificate signed by its --tls-client-ca (mutual TLS)"
 
 Handler = Callable[[BaseRequest, list[str]], Awaitable[web.StreamResponse]]
+#: Failures a client causes in aiohttp's parser or payload reader (bad HTTP, a malformed chunk, a body that
+#: ends early or a dropped connection): logged as one rate-limited line, without a traceback.
+CLIENT_ERRORS: tuple[type[BaseException], ...] = (HttpProcessingError, RequestPayloadError, ConnectionError)
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -159,11 +170,29 @@ class HttpFrontend:
         self._limited_log = RateLimitedLog(log)
         self.port = 0
 
+    def _refuse_encoding(self, request: BaseRequest) -> web.Response | None:
+        """415 (connection closed, body unread) when the body is compressed, else None."""
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding == "identity" or not request.body_exists:
+            return None
+        response = error_response(
+            415, f"Content-Encoding {encoding[:40]!r} is not supported; send the body uncompressed"
+        )
+        response.force_close()
+        return response
+
     # ------------------------------------------------------------ lifecycle
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (0: any free port); returns the bound port. Raises OSError when it is taken."""
-        server = web.Server(self._handle, handler_cancellation=True, access_log=None, lingering_time=LINGER_S)
+        server = web.Server(
+            self._handle,
+            handler_cancellation=True,
+            access_log=None,
+            lingering_time=LINGER_S,
+            auto_decompress=False,  # bodies are never decompressed: a compressed one is refused (415) unread
+            logger=_ServerLog(self._limited_log),
+        )
         self._runner = web.ServerRunner(server, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(
@@ -209,6 +238,11 @@ class HttpFrontend:
             return error_response(400, f"malformed request: {err}")
         except (asyncio.CancelledError, web.HTTPException, ConnectionError):
             raise
+        except (HttpProcessingError, RequestPayloadError) as err:  # the client broke its body
+            self._limited_log.warning("bad_http_request", "path=%s peer=%s error=%r", path, request.remote, _brief(err))
+            response = error_response(400, f"the request body could not be read: {_brief(err)}")
+            response.force_close()
+            return response
         except Exception as err:  # noqa: BLE001 - a bug of ours: 500 without internals, traceback to the log
             return serving_error_response(internal_error(path[:100], err))
 
@@ -354,6 +388,9 @@ class HttpFrontend:
         """The small JSON object a control request may carry ({} when empty)."""
         if not request.body_exists:
             return {}
+        refused = self._refuse_encoding(request)
+        if refused is not None:
+            raise _Answer(refused)
         length = request.content_length
         if length is not None and length > MAX_CONTROL_BODY_BYTES:
             response = error_response(413, f"this request's body is limited to {MAX_CONTROL_BODY_BYTES} bytes")
@@ -376,13 +413,9 @@ class HttpFrontend:
         """One inference: budget and size checks before the body is read, the data plane, the answer; the
         request's and the answer's bytes stay charged until the answer has been written."""
         dataplane, budget = self.dataplane, self.dataplane.budget
-        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding != "identity":
-            response = error_response(
-                415, f"Content-Encoding {encoding[:40]!r} is not supported; send the body uncompressed"
-            )
-            response.force_close()
-            return response
+        refused = self._refuse_encoding(request)
+        if refused is not None:
+            return refused
         dataplane.admit_unread("ModelInfer")
         length = request.content_length
         if length is not None and length > self.max_message_bytes:
@@ -473,3 +506,27 @@ class _Answer(Exception):
     def __init__(self, response: web.Response) -> None:
         super().__init__(response.status)
         self.response = response
+
+
+def _brief(err: BaseException) -> str:
+    """One line for a client-caused aiohttp error (its message without aiohttp's line breaks)."""
+    text = getattr(err, "message", None) or str(err) or type(err).__name__
+    return " ".join(str(text).split())[:200]
+
+
+class _ServerLog(logging.LoggerAdapter):
+    """The logger aiohttp's server writes to (``aiohttp.server``), where a failure the client caused (see
+    ``CLIENT_ERRORS``: raised while aiohttp discards a refused request's body or parses a malformed message)
+    becomes one rate-limited ``event=bad_http_request`` line instead of an ERROR with a traceback; any other
+    exception is logged as aiohttp logs it."""
+
+    def __init__(self, limited: RateLimitedLog) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"), {})
+        self._limited = limited
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        err = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if isinstance(err, CLIENT_ERRORS):
+            self._limited.warning("bad_http_request", "error=%r", _brief(err))
+            return
+        super().exception(msg, *args, exc_info=exc_info, **kwargs)

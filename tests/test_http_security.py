@@ -18,6 +18,8 @@ from client_models import make_certificates
 from model_factory import onnx_identity, sleeper_model
 from serving import running_server
 
+from tensorwire.server.http_frontend import LINGER_S
+
 TOKEN = "http-s3cret"
 BODY = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
 
@@ -189,3 +191,70 @@ def test_a_port_already_taken_is_one_line_and_exit_1(tmp_path, flag):
     assert f"tensorwire serve: error: cannot listen on 127.0.0.1:{port}" in done.stderr
     assert f"choose another port with {flag}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _exchange(port: int, request: bytes, hang_up: bool = False) -> bytes:
+    """Send raw bytes on a new connection; the status line of the answer (b"" when ``hang_up`` closes first
+    or the server closed without answering)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        if hang_up:
+            return b""
+        answer = b""
+        try:
+            while b"\r\n" not in answer:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+        except OSError:
+            pass
+        return answer.split(b"\r\n", 1)[0]
+
+
+def test_bodies_a_client_breaks_are_one_rate_limited_line_and_no_traceback(token_server):
+    """Compressed garbage (refused unread: never decompressed), malformed chunks, bodies cut short and
+    connections dropped mid-body, each sent 3 times: the right status, no ERROR or traceback in the log, at
+    most one ``bad_http_request`` line per rate-limit interval, and the server keeps serving."""
+    port, auth = token_server.http_port, f"Authorization: Bearer {TOKEN}\r\n".encode()
+    infer, index = b"/v2/models/identity/infer", b"/v2/repository/index"
+
+    def post(path: bytes, headers: bytes, body: bytes) -> bytes:
+        return b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n" + headers + body
+
+    compressed = b"Content-Length: 2\r\n\r\nxx"
+    chunked = b"Transfer-Encoding: chunked\r\n\r\n"
+    answered = [
+        (post(infer, auth + b"Content-Encoding: gzip\r\n", compressed), b"415"),
+        (post(infer, auth + b"Content-Encoding: deflate\r\n", compressed), b"415"),
+        (post(index, auth + b"Content-Encoding: gzip\r\n", compressed), b"415"),
+        (post(infer, b"Content-Encoding: gzip\r\n", compressed), b"401"),
+        (post(b"/v2/health/ready", b"Content-Encoding: gzip\r\n", compressed), b"405"),
+        (post(b"/v2/health/ready", b"Content-Encoding: deflate\r\n", compressed), b"405"),
+        (post(infer, auth + chunked, b"zz\r\nab\r\n0\r\n\r\n"), b"400"),
+        (post(infer, auth + chunked, b'4\r\n{"in\r\nzz\r\nab\r\n0\r\n\r\n'), b"400"),
+        (post(index, auth + chunked, b'4\r\n{"re\r\nzz\r\nab\r\n0\r\n\r\n'), b"400"),
+    ]
+    dropped = [
+        post(infer, auth + chunked, b'4\r\n{"in\r\n'),
+        post(infer, auth + b"Content-Length: 1000\r\n\r\n", b'{"in'),
+        post(index, auth + b"Content-Length: 1000\r\n\r\n", b'{"re'),
+        post(infer, auth + b"Content-Encoding: gzip\r\n", compressed),
+    ]
+    log_before = len(token_server.log())
+    started = time.monotonic()
+    for _ in range(3):
+        for request, status in answered:
+            assert _exchange(port, request).split(b" ")[1:2] == [status], request
+        for request in dropped:
+            _exchange(port, request, hang_up=True)
+    elapsed = time.monotonic() - started
+    good = {"Authorization": f"Bearer {TOKEN}"}
+    answer = requests.post(
+        f"http://{token_server.http_address}/v2/models/identity/infer", json=BODY, headers=good, timeout=10
+    )
+    assert answer.status_code == 200
+    time.sleep(2 * LINGER_S)  # a refused request's connection is read (then closed) for at most LINGER_S
+    log = token_server.log()[log_before:]
+    assert "Traceback" not in log and "level=ERROR" not in log, log[-3000:]
+    assert log.count("event=bad_http_request") <= 1 + int(elapsed // 10), log[-3000:]
