@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -196,6 +197,20 @@ def test_dockerfile_runs_the_server_as_it_should(path):
     health = only(stage, "HEALTHCHECK")
     assert health.value[0] == "CMD" and health.value[1:3] == ("tensorwire", "health")
     assert any(re.fullmatch(r"--start-period=\d+s", flag) for flag in health.flags)
+
+
+def test_the_gpu_extra_is_the_server_extra_with_onnxruntime_gpu():
+    """The GPU image installs ``server-gpu`` (its EXTRAS build argument): everything the ``server`` extra
+    has (GPU metrics' nvidia-ml-py included), with onnxruntime-gpu in place of onnxruntime."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert _build_args(ROOT / "deploy" / "Dockerfile.gpu")["EXTRAS"] == "server-gpu"
+    cpu = {re.split(r"[<>=\[]", r)[0]: r for r in extras["server"]}
+    gpu = {re.split(r"[<>=\[]", r)[0]: r for r in extras["server-gpu"]}
+    assert "nvidia-ml-py" in gpu
+    assert gpu.pop("onnxruntime-gpu").removeprefix("onnxruntime-gpu") == cpu.pop("onnxruntime").removeprefix(
+        "onnxruntime"
+    )
+    assert gpu == cpu
 
 
 def _build_args(path: Path) -> dict[str, str]:
