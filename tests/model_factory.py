@@ -7,6 +7,7 @@ so that the server loads them exactly as it loads a trainer-published model.
 from __future__ import annotations
 
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -98,9 +99,7 @@ def onnx_add_sub(
     return _save(helper.make_model(graph), repo, name, version)
 
 
-def onnx_gather(
-    repo: Path, name: str = "lookup", max_batch_size: int = 16, version: int = 1, **config: Any
-) -> Path:
+def onnx_gather(repo: Path, name: str = "lookup", max_batch_size: int = 16, version: int = 1, **config: Any) -> Path:
     """OUTPUT0[b] = TABLE[INDEX[b]] with a 10-entry table: an index >= 10 makes ORT raise."""
     table = helper.make_tensor("TABLE", TensorProto.FLOAT, [10], np.arange(10, dtype=np.float32) * 10)
     graph = helper.make_graph(
@@ -184,3 +183,15 @@ def executed_ids(log: Path) -> list[int]:
     if not Path(log).exists():
         return []
     return [int(tok) for line in Path(log).read_text().split("\n") for tok in line.split()]
+
+
+def wait_started(log: Path, ident: int, timeout_s: float = 60.0) -> None:
+    """Wait until a sleeper model has started executing ``ident`` (it logs the IDs of a run before it
+    sleeps): from then on its replica is busy for that request's SLEEP_MS. Raises AssertionError after
+    ``timeout_s`` seconds. The synchronisation for tests that need a replica to be busy (never a fixed sleep,
+    which a loaded machine outlasts)."""
+    deadline = time.monotonic() + timeout_s
+    while ident not in executed_ids(log):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the sleeper did not start request {ident} within {timeout_s} s")
+        time.sleep(0.02)

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from tensorwire.loadtest.launch import ServerProcess, call, free_port, serve
 
-__all__ = ["WORKERS_ENV", "RunningServer", "call", "free_port", "running_server", "server_args"]
+__all__ = ["WORKERS_ENV", "RunningServer", "call", "free_port", "running_server", "server_args", "wait_pending"]
 
 #: The environment variable that runs every test server with ``--workers N``.
 WORKERS_ENV = "TENSORWIRE_TEST_WORKERS"
@@ -53,3 +57,25 @@ def server_args(args: tuple[str, ...] | list[str]) -> list[str]:
     if workers and "--workers" not in args:
         return [*args, "--workers", workers]
     return list(args)
+
+
+def pending_requests(server: RunningServer, model: str) -> float:
+    """Requests for ``model`` queued and not yet running (the ``tensorwire_pending_requests`` gauge)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "tensorwire_pending_requests" and s.labels.get("model") == model
+    )
+
+
+def wait_pending(server: RunningServer, model: str, count: int, timeout_s: float = 60.0) -> None:
+    """Wait until at least ``count`` requests for ``model`` are queued; AssertionError after ``timeout_s``
+    seconds. The synchronisation for tests that need requests waiting in a queue (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout_s
+    while (pending := pending_requests(server, model)) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{pending:.0f} of {count} requests queued for {model} after {timeout_s} s")
+        time.sleep(0.05)

@@ -21,8 +21,8 @@ import requests
 import tritonclient.http as triton_http
 from client_models import bytes_echo
 from infer_helpers import infer_request
-from model_factory import executed_ids, onnx_add_sub, onnx_identity, sleeper_model
-from serving import RunningServer, call, running_server
+from model_factory import executed_ids, onnx_add_sub, onnx_identity, sleeper_model, wait_started
+from serving import RunningServer, call, running_server, wait_pending
 from tritonclient.utils import InferenceServerException
 
 from tensorwire.proto import inference_pb2 as pb
@@ -405,10 +405,10 @@ def test_a_client_that_disconnects_cancels_its_queued_request(base, server):
     """As a cancelled gRPC call: the request leaves the queue and never runs."""
     log = server.extra["sleeper_log"]
     busy = threading.Thread(
-        target=lambda: requests.post(base + "/v2/models/sleeper/infer", data=sleeper_body(101, 1200))
+        target=lambda: requests.post(base + "/v2/models/sleeper/infer", data=sleeper_body(101, 2500))
     )
     busy.start()
-    time.sleep(0.3)  # 101 is running on the only replica
+    wait_started(log, 101)  # 101 is running on the only replica
     body = sleeper_body(102, 0)
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=5) as sock:
         sock.sendall(
@@ -416,7 +416,8 @@ def test_a_client_that_disconnects_cancels_its_queued_request(base, server):
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
-        time.sleep(0.3)  # 102 is queued behind 101
+        wait_pending(server, "sleeper", 1)  # 102 is queued behind 101
     busy.join(30)
-    time.sleep(0.3)
+    # first in, first out: had 102 stayed in the queue, it would have run before 103 is answered
+    assert requests.post(base + "/v2/models/sleeper/infer", data=sleeper_body(103, 0), timeout=30).ok
     assert 101 in executed_ids(log) and 102 not in executed_ids(log)

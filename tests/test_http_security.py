@@ -33,6 +33,15 @@ def refused_count(server, method: str, reason: str) -> float:
     return 0.0
 
 
+def gauge(server, name: str) -> float:
+    """The value of the unlabelled metric ``name`` (0 when absent)."""
+    text = requests.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 @pytest.fixture(scope="module")
 def token_server(tmp_path_factory):
     base = tmp_path_factory.mktemp("http-auth")
@@ -124,12 +133,15 @@ def test_size_limit_and_memory_budget(tmp_path):
         results: dict[int, requests.Response] = {}
 
         def send(ident: int) -> None:
-            results[ident] = requests.post(url, data=body(ident, 1500, 900_000), timeout=30)
+            results[ident] = requests.post(url, data=body(ident, 2500, 900_000), timeout=30)
 
         slow = [threading.Thread(target=send, args=(i,)) for i in (1, 2)]
         for thread in slow:
             thread.start()
-        time.sleep(0.7)
+        deadline = time.monotonic() + 60
+        while gauge(server, "tensorwire_inflight_bytes") < 1_800_000:  # both slow requests are held
+            assert time.monotonic() < deadline, "the two slow requests were never held together"
+            time.sleep(0.05)
         third = requests.post(url, data=body(3, 0, 900_000), timeout=30)
         for thread in slow:
             thread.join()

@@ -14,9 +14,9 @@ import grpc
 import numpy as np
 import pytest
 from infer_helpers import infer_request, outputs_of, sleeper_request
-from model_factory import executed_ids, onnx_identity, sleeper_model
+from model_factory import executed_ids, onnx_identity, sleeper_model, wait_started
 from prometheus_client.parser import text_string_to_metric_families
-from serving import call, running_server
+from serving import call, running_server, wait_pending
 
 from tensorwire.proto import inference_pb2 as pb
 from tensorwire.proto.service import METHODS
@@ -102,13 +102,13 @@ def test_requests_queued_when_the_stream_ends_never_run(server):
     before = scrape(server)
     with server.channel() as channel:
         blocker = call_in_thread(channel, sleeper_request(7001, sleep_ms=2500))
-        time.sleep(0.3)  # the only replica is busy for 2.5 s
+        wait_started(log, 7001)  # the only replica is busy for 2.5 s
         queued = [sleeper_request(i).SerializeToString() for i in (7002, 7003, 7004)]
         with pytest.raises(grpc.RpcError) as caught:
             list(open_stream(channel, queued, timeout=1.0))
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         blocker.join(10)
-    time.sleep(0.5)
+        run_after(channel, 7005)
     ran = executed_ids(log)
     assert 7001 in ran and not {7002, 7003, 7004} & set(ran)
     after = scrape(server)
@@ -125,15 +125,21 @@ def test_each_streamed_request_carries_the_calls_deadline(server):
     dropped with the call; it never runs after the call is over."""
     log = server.extra["log"]
     with server.channel() as channel:
-        blocker = call_in_thread(channel, sleeper_request(7101, sleep_ms=2000))
-        time.sleep(0.3)
+        blocker = call_in_thread(channel, sleeper_request(7101, sleep_ms=2500))
+        wait_started(log, 7101)  # the only replica is busy for 2.5 s: 7102 waits past its 0.8 s
         stream = open_stream(channel, [sleeper_request(7102).SerializeToString()], timeout=0.8)
         with pytest.raises(grpc.RpcError) as caught:
             list(stream)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         blocker.join(10)
-    time.sleep(0.3)
+        run_after(channel, 7103)
     assert 7102 not in executed_ids(log)
+
+
+def run_after(channel: grpc.Channel, ident: int) -> None:
+    """Run request ``ident`` to completion: the queue is first-in first-out, so a request queued earlier that
+    was going to run has run (or shares its batch) by the time this one is answered."""
+    assert call(channel, "ModelInfer", sleeper_request(ident), timeout=30).id == str(ident)
 
 
 def call_in_thread(channel: grpc.Channel, request: pb.ModelInferRequest) -> threading.Thread:
@@ -149,11 +155,12 @@ def test_a_request_read_while_the_stream_window_is_full_never_runs_after_a_cance
     log = sleeper_model(repo, max_batch_size=1, dynamic_batching={"max_queue_size": 4096})
     ids = list(range(10_000, 11_100))  # 1,100 requests: more than the 1,024-request window
     with running_server(repo) as srv, srv.channel() as channel:
-        blocker = call_in_thread(channel, sleeper_request(9_999, sleep_ms=3000))
-        time.sleep(0.3)
+        blocker = call_in_thread(channel, sleeper_request(9_999, sleep_ms=6000))
+        wait_started(log, 9_999)
         stream = open_stream(channel, [sleeper_request(i).SerializeToString() for i in ids], timeout=60)
-        time.sleep(1.5)  # every request read and queued (or waiting for room), none answered
+        # the window's 1,024 requests and the one read past it are queued, none answered
+        wait_pending(srv, "sleeper", 1025)
         stream.cancel()
         blocker.join(15)
-        time.sleep(1.0)
-        assert executed_ids(log) == [9_999]
+        run_after(channel, 11_200)
+        assert executed_ids(log) == [9_999, 11_200]

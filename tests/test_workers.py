@@ -29,8 +29,8 @@ import numpy as np
 import psutil
 import pytest
 from infer_helpers import infer_request, outputs_of, sleeper_request
-from model_factory import executed_ids, onnx_identity, sleeper_model
-from serving import WORKERS_ENV, call, running_server
+from model_factory import executed_ids, onnx_identity, sleeper_model, wait_started
+from serving import WORKERS_ENV, call, running_server, wait_pending
 
 from tensorwire.proto import inference_pb2 as pb
 from tensorwire.proto.service import METHODS
@@ -213,10 +213,10 @@ def test_a_killed_front_end_is_restarted_and_its_queued_requests_never_run(repo)
         log = repo / "sleeper.calls"
         before = set(executed_ids(log))
         blocker_channel, victim_channel = channel_to(server), channel_to(server)
-        blocker = infer_future(blocker_channel, sleeper_request(7000, sleep_ms=1500))
-        time.sleep(0.3)
+        blocker = infer_future(blocker_channel, sleeper_request(7000, sleep_ms=4000))
+        wait_started(log, 7000)  # the only replica is busy for 4 s
         victims = [infer_future(victim_channel, sleeper_request(7001 + i)) for i in range(3)]
-        time.sleep(0.3)
+        wait_pending(server, "sleeper", 3)  # the three victims are queued
         # The front-end holding the victims' connection: its socket's peer is our end of that connection.
         ours = {c.laddr.port for c in psutil.Process().connections("tcp") if c.raddr and c.raddr.port == server.port}
         owner = next(
