@@ -117,15 +117,18 @@ def _message_dict(message: Any) -> dict[str, Any]:
 _YES = {True: "yes", False: "no"}
 
 
-def _index_reasons(client: InferenceClient, names: Sequence[str]) -> dict[str, str]:
-    """Why each of ``names`` is not ready, from RepositoryIndex (which carries the load error)."""
+def _index_reasons(client: InferenceClient, names: Sequence[str] | None) -> dict[str, str]:
+    """Why each of ``names`` (None: every model) is not ready, from RepositoryIndex (which carries the load
+    error); models unloaded on request are left out when ``names`` is None (they do not hold readiness)."""
     try:
         index = client.repository_index()
     except InferenceServerError:
         return {}
     reasons: dict[str, list[str]] = {}
     for entry in index:
-        if entry.name in names and entry.state != "READY":
+        if names is None and entry.reason == "unloaded":
+            continue
+        if (names is None or entry.name in names) and entry.state != "READY":
             where = f"version {entry.version} " if entry.version else ""
             text = f"{where}{entry.state}" + (f": {entry.reason}" if entry.reason else "")
             reasons.setdefault(entry.name, []).append(text)
@@ -136,6 +139,8 @@ def _health_v2(client: InferenceClient, args: argparse.Namespace, report: dict[s
     """Liveness and readiness through the v2 API (needs the token when the server requires one)."""
     report["live"] = client.server_live()
     report["ready"] = client.server_ready()
+    if report["live"] and not report["ready"]:
+        report["not_ready"] = _index_reasons(client, None)
     models: dict[str, bool] = {}
     errors: dict[str, str] = {}
     for model in args.model:
@@ -243,6 +248,13 @@ def health(argv: Sequence[str]) -> int:
         _print_json(report)
     else:
         print(f"server {args.address}: live={_YES[report['live']]} ready={_YES[report['ready']]}")
+        for model, why in report.get("not_ready", {}).items():
+            print(f"not ready: model {model}: {why}")
+        if report.get("not_ready"):
+            print(
+                "the server is ready once every model is READY (strict readiness, the default): fix or remove "
+                "these models, or start the server with --no-strict-readiness to serve the others"
+            )
         for model, ready in report.get("models", {}).items():
             why = report.get("errors", {}).get(model)
             print(f"model {model}: ready={_YES[ready]}" + (f" ({why})" if why else ""))

@@ -106,6 +106,7 @@ class InferenceServer:
             if self.settings.poll_seconds:
                 self._tasks.append(loop.create_task(self.manager.poll(self.settings.poll_seconds)))
             log.info("event=ready models=%s", [f"{n}:{v}:{s}" for n, v, s, _ in self.manager.index()])
+            self.manager.warn_not_ready()
             await stopping
         else:
             log.info("event=stop_during_startup detail='loads still running are rolled back or abandoned'")

@@ -224,6 +224,25 @@ class ModelManager:
                     return False
         return True
 
+    def warn_not_ready(self) -> bool:
+        """At the end of start-up, when strict readiness keeps the server not ready: one WARNING line
+        (``event=not_ready``) naming each model version that is not READY with its state and reason, and
+        the way to serve the others (``--no-strict-readiness``). Returns whether it logged."""
+        if self.models_ready():
+            return False
+        waiting = [
+            f"{name}{':' + version if version else ''}:{state}" + (f" ({reason})" if reason else "")
+            for name, version, state, reason in self.index()
+            if state != READY.value and reason != UNLOADED
+        ]
+        log.warning(
+            "event=not_ready models=%s detail=%r",
+            waiting,
+            "strict readiness: ServerReady (/v2/health/ready) stays false until every model is READY; "
+            "fix or remove these models, or start with --no-strict-readiness to serve the others",
+        )
+        return True
+
     def index(self, repository_models: bool = True) -> list[tuple[str, str, str, str]]:
         """(name, version, state, reason) rows, as RepositoryIndex reports them (paths relative)."""
         rows: list[tuple[str, str, str, str]] = []

@@ -345,6 +345,7 @@ class MultiProcessServer:
             if s.poll_seconds:
                 self._tasks.append(loop.create_task(self.manager.poll(s.poll_seconds)))
             log.info("event=ready models=%s", [f"{n}:{v}:{st}" for n, v, st, _ in self.manager.index()])
+            self.manager.warn_not_ready()
             await stopping
         else:
             log.info("event=stop_during_startup detail='loads still running are rolled back or abandoned'")

@@ -5,6 +5,8 @@ Every test runs the real server as a subprocess and talks real gRPC (tests/servi
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -212,11 +214,27 @@ def test_strict_readiness_waits_for_every_model(tmp_path):
         assert wait_for(lambda: index(ch, "broken").get("", ("",))[0] == "UNAVAILABLE")
         assert wait_for(lambda: call(ch, "ModelReady", pb.ModelReadyRequest(name="good")).ready)
         assert not call(ch, "ServerReady", pb.ServerReadyRequest()).ready  # a model failed to load
+        # why, in one WARNING line at the end of start-up: the model, its state and reason, the way out
+        assert wait_for(lambda: "event=not_ready" in server.log())
+        (line,) = [line for line in server.log().splitlines() if "event=not_ready" in line]
+        assert "level=WARNING" in line and "broken:UNAVAILABLE (" in line and "good" not in line.split("detail")[0]
+        assert "--no-strict-readiness" in line
+        # and from the client's side: tensorwire health lists what is not ready, with the reason
+        health = subprocess.run(
+            [sys.executable, "-m", "tensorwire.cli", "health", "-a", server.address],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert health.returncode == 1 and "ready=no" in health.stdout, health.stdout + health.stderr
+        assert "not ready: model broken: UNAVAILABLE: " in health.stdout and "model good" not in health.stdout
+        assert "--no-strict-readiness" in health.stdout
         call(ch, "RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name="broken"))
         assert call(ch, "ServerReady", pb.ServerReadyRequest()).ready  # unloaded on request: not waited for
     with running_server(repo, "--drain-seconds", "0", "--no-strict-readiness") as server, server.channel() as ch:
         assert call(ch, "ServerReady", pb.ServerReadyRequest()).ready
         assert index(ch, "broken")[""][0] == "UNAVAILABLE"
+        assert wait_for(lambda: "event=ready " in server.log()) and "event=not_ready" not in server.log()
 
 
 def test_poll_repairs_after_the_repository_disappears(tmp_path):
