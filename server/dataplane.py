@@ -217,18 +217,43 @@ class _StreamItem:
 
 
 def check_version_string(version: str) -> None:
-    """Refuse a version string that is not a version number (InvalidRequestError), as Triton does.
+    """Refuse a version string that is not a version number (InvalidRequestError).
 
-    '' means the latest ready version; otherwise ASCII decimal digits of an int64. Triton refuses '-1'
-    and non-numbers the same way, but reads ' 1' or '1.0' as 1 (C's ``stol``); tensorwire refuses those.
+    '' means the latest ready version; otherwise ASCII decimal digits of an int64. Triton parses the
+    string with C++'s ``std::stol`` and refuses what it cannot read or reads as negative ('-1', 'abc');
+    ``stol`` reads a leading number, so Triton serves ' 1', '+1', '1.0' or '1x' as version 1. tensorwire
+    refuses those too (a typo never selects a version), and its message says which of the two Triton does.
     """
     if not version or (version.isascii() and version.isdigit() and int(version) <= _MAX_VERSION):
         return
     shown = version if len(version) <= 40 else version[:40] + "..."
+    triton = triton_version(version)
+    what_triton_does = "Triton refuses it too" if triton is None else f"Triton would read it as {triton}"
     raise InvalidRequestError(
-        f"model version {shown!r} is not a version number: versions are integers > 0 "
-        "(or '' for the latest ready version); Triton refuses it too"
+        f"model version {shown!r} is not a version number: versions are integers > 0 written with digits "
+        f"only (or '' for the latest ready version); {what_triton_does}"
     )
+
+
+def triton_version(version: str) -> int | None:
+    """The version Triton's server reads from ``version`` (C++ ``std::stol``: leading white space, an
+    optional sign, then the longest run of decimal digits), or None where Triton refuses it (no digits, a
+    negative number, or one outside int64)."""
+    text = version.lstrip(" \t\n\v\f\r")
+    sign = -1 if text[:1] == "-" else 1
+    if text[:1] in "+-" and text:
+        text = text[1:]
+    digits = ""
+    for char in text:
+        if not ("0" <= char <= "9"):
+            break
+        digits += char
+    if not digits:
+        return None
+    value = sign * int(digits)
+    if value < 0 or value > _MAX_VERSION:
+        return None
+    return value
 
 
 def internal_error(model: str, err: Exception) -> ServingError:

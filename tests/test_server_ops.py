@@ -526,10 +526,23 @@ def test_version_policy_specific(channel):
     assert list(config.version_policy.specific.versions) == [1, 3]
 
 
-@pytest.mark.parametrize("version", ["abc", "-1", "1.0", " 1", "\u00b2", "\u0661", "9" * 30])
-def test_a_version_that_is_not_a_number_is_invalid_argument(channel, version):
+@pytest.mark.parametrize(
+    "version, triton",
+    [
+        ("abc", "Triton refuses it too"),
+        ("-1", "Triton refuses it too"),
+        ("1.0", "Triton would read it as 1"),
+        (" 1", "Triton would read it as 1"),
+        ("+2", "Triton would read it as 2"),
+        ("\u00b2", "Triton refuses it too"),
+        ("\u0661", "Triton refuses it too"),
+        ("9" * 30, "Triton refuses it too"),
+    ],
+)
+def test_a_version_that_is_not_a_number_is_invalid_argument(channel, version, triton):
     """Only ASCII decimal int64 versions exist; '²' or Arabic-Indic '١' must not crash or alias version 1.
-    Triton answers INVALID_ARGUMENT for '-1' and non-numbers too, ModelReady included."""
+    Triton (C++ ``std::stol``) answers INVALID_ARGUMENT for '-1' and non-numbers too, ModelReady included,
+    and reads a leading number (' 1', '1.0', '+2'): the message says which."""
     for method, message in (
         ("ModelInfer", _identity_request("good", version=version)),
         ("ModelReady", pb.ModelReadyRequest(name="good", version=version)),
@@ -538,7 +551,7 @@ def test_a_version_that_is_not_a_number_is_invalid_argument(channel, version):
         with pytest.raises(grpc.RpcError) as caught:
             call(channel, method, message)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, caught.value.details())
-        assert "not a version number" in caught.value.details()
+        assert "not a version number" in caught.value.details() and triton in caught.value.details()
 
 
 @pytest.mark.parametrize("version", ["0", "7", "9" * 18])
