@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 import numpy as np
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 
 from tensorwire.client._casting import conform
 from tensorwire.client._channel import DEFAULT_MAX_MESSAGE_BYTES, TLSConfig, channel_spec
@@ -108,8 +109,44 @@ def _print_json(value: Any) -> None:
     sys.stdout.write("\n")
 
 
+#: protobuf's JSON mapping writes these as strings (JavaScript's numbers hold 53 bits); the CLI prints numbers
+_INT64_TYPES = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+
+
 def _message_dict(message: Any) -> dict[str, Any]:
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+    """``message`` as a JSON-ready dict (proto field names), with 64-bit integers (shapes, dims, counts,
+    nanoseconds) as JSON numbers rather than the strings of protobuf's JSON mapping."""
+    return _int64_as_numbers(message, json_format.MessageToDict(message, preserving_proto_field_name=True))
+
+
+def _int64_as_numbers(message: Any, value: dict[str, Any]) -> dict[str, Any]:
+    """Turn the 64-bit integer fields of ``value`` (``message`` as MessageToDict wrote it) into ints, in place,
+    through nested, repeated and string-keyed map fields."""
+    for field in message.DESCRIPTOR.fields:
+        if field.name not in value:
+            continue
+        given, written = getattr(message, field.name), value[field.name]
+        entry = field.message_type
+        if entry is not None and entry.GetOptions().map_entry:
+            if entry.fields_by_name["value"].message_type is not None:
+                for key, item in written.items():
+                    if key in given:
+                        _int64_as_numbers(given[key], item)
+        elif entry is not None:
+            items = zip(given, written, strict=True) if isinstance(written, list) else [(given, written)]
+            for inner, item in items:
+                _int64_as_numbers(inner, item)
+        elif field.type in _INT64_TYPES:
+            value[field.name] = [int(x) for x in written] if isinstance(written, list) else int(written)
+    return value
 
 
 # -------------------------------------------------------------------------- health
