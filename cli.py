@@ -13,6 +13,8 @@ import importlib.util
 import os
 import sys
 
+from tensorwire.install_hint import install_hint
+
 #: pip extra -> the top-level modules its subcommands import (module names, not distribution names).
 EXTRAS: dict[str, tuple[str, ...]] = {
     "client": (),  # the base install: grpcio, protobuf, numpy
@@ -28,7 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
         "tensorwire.server.cli",
         "main",
         "server",
-        "serve a model repository over gRPC (Open Inference Protocol)",
+        "serve a model repository over gRPC and HTTP/REST (Open Inference Protocol / KServe v2)",
     ),
     "fit": ("tensorwire.trainer.cli", "fit", "train", "train a model with PyTorch DDP (torchrun-style launch)"),
     "export": (
@@ -92,16 +94,12 @@ def missing_modules(extra: str) -> list[str]:
     return [name for name in EXTRAS[extra] if importlib.util.find_spec(name) is None]
 
 
-def _install_hint(extra: str) -> str:
-    return f"pip install 'tensorwire[{extra}]'"
-
-
 def _usage() -> str:
     width = max(len(name) for name in SUBCOMMANDS)
     ready, absent = [], []
     for name, (_, _, extra, help_text) in sorted(SUBCOMMANDS.items()):
         if missing_modules(extra):
-            absent.append(f"  {name:<{width}}  needs the '{extra}' extra: {_install_hint(extra)}")
+            absent.append(f"  {name:<{width}}  needs the '{extra}' extra: {install_hint(extra)}")
         else:
             ready.append(f"  {name:<{width}}  {help_text}")
     text = "usage: tensorwire <command> [options]\n\ncommands:\n" + "\n".join(ready)
@@ -113,7 +111,7 @@ def _usage() -> str:
 def _not_installed(command: str, extra: str, missing: list[str]) -> int:
     print(
         f"tensorwire {command}: needs the '{extra}' extra, which is not installed here "
-        f"(missing: {', '.join(missing)}): {_install_hint(extra)}",
+        f"(missing: {', '.join(missing)}): {install_hint(extra)}",
         file=sys.stderr,
     )
     return 2

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tensorwire.install_hint import install_hint
+
 
 class PlotUnavailable(RuntimeError):
     """matplotlib is not installed."""
@@ -23,7 +25,7 @@ def _pyplot():
         matplotlib.use("Agg")  # files only, never a window
         import matplotlib.pyplot as plt
     except ImportError as err:
-        raise PlotUnavailable("plots need matplotlib: pip install 'tensorwire[loadtest]' (or matplotlib)") from err
+        raise PlotUnavailable(f"plots need matplotlib: {install_hint('loadtest')}") from err
     return plt
 
 

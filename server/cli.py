@@ -18,11 +18,22 @@ MAX_WORKERS = 64
 TOKEN_ENV = "TENSORWIRE_AUTH_TOKEN"
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` only where there is one to show: not for required options, options whose
+    default is None (the help says what happens without them), or help that already states its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.required or action.default is None or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tensorwire serve",
         description="Serve every model in a repository over gRPC and HTTP/REST (Open Inference Protocol / KServe v2).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument(
         "--repo",

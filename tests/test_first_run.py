@@ -125,12 +125,14 @@ def test_a_client_only_install_names_the_extra_to_install(client_only):
     ready, _, absent = usage.stdout.partition("not installed here:")
     listed = {line.split()[0] for line in ready.splitlines() if line.startswith("  ")}
     assert {"infer", "health", "metadata", "index", "load", "unload"} <= listed and not {"serve", "fit"} & listed
-    assert "  serve " in absent and "pip install 'tensorwire[server]'" in absent
-    assert "  fit " in absent and "pip install 'tensorwire[train]'" in absent
+    # the README's Install command (tensorwire is on no package index: 'tensorwire[server]' finds nothing)
+    assert "  serve " in absent and "pip install -c constraints.txt '.[server]'" in absent
+    assert "  fit " in absent and "pip install -c constraints.txt '.[train]'" in absent
+    assert "tensorwire[" not in usage.stdout
     for command, extra in (("serve", "server"), ("fit", "train"), ("train", "train")):
         done = client_only_run(client_only, command, "--repo", "models")
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-        assert done.stderr.count("\n") == 1 and f"pip install 'tensorwire[{extra}]'" in done.stderr
+        assert done.stderr.count("\n") == 1 and f"pip install -c constraints.txt '.[{extra}]'" in done.stderr
     unreachable = client_only_run(client_only, "health", "-a", f"127.0.0.1:{free_port()}", "--retries", "1")
     assert unreachable.returncode == 2 and "Traceback" not in unreachable.stderr  # the client itself works
 
@@ -202,3 +204,21 @@ def test_a_closed_stdout_ends_quietly(server):
     process.stdout.close()  # long before the client has connected and written anything
     _, err = process.communicate(timeout=60)
     assert process.returncode == 141 and "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_help_texts_say_what_is_true():
+    """``serve --help`` shows a default only where there is one (never ``(default: None)``, none for the
+    required --repo, one per option); ``tensorwire --help`` says serve speaks gRPC and HTTP."""
+    from tensorwire.server.cli import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "(default: None)" not in text
+    assert "(default: a quarter of the memory limit) (default:" not in text
+    repo_help = text.split("--repo REPO", 1)[1].split(" --", 1)[0]
+    assert "default" not in repo_help
+    assert "(default: 8000)" in text  # real defaults are still shown
+    usage = subprocess.run(
+        [sys.executable, "-m", "tensorwire.cli", "--help"], capture_output=True, text=True, timeout=60
+    ).stdout
+    (serve,) = [line for line in usage.splitlines() if line.strip().startswith("serve ")]
+    assert "gRPC and HTTP" in serve

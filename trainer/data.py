@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tensorwire.install_hint import install_hint
 from tensorwire.trainer.errors import TrainerError
 from tensorwire.trainer.text import TEXT_SUFFIXES
 
@@ -97,7 +98,7 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
         try:
             from sklearn.datasets import load_digits
         except ImportError:
-            raise TrainerError("data 'digits' needs scikit-learn (pip install 'tensorwire[train]')") from None
+            raise TrainerError(f"data 'digits' needs scikit-learn ({install_hint('train')})") from None
         bunch = load_digits()
         pixels, labels = bunch.data.astype(np.float32), bunch.target
     # Pixels are 0..16; the served model takes [0, 1] (the documented input contract).

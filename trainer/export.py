@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from tensorwire.install_hint import install_hint
 from tensorwire.trainer.artifacts import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -116,7 +117,7 @@ def export_onnx(model, sample_shape: tuple[int, ...], path: Path, dtype: str = "
                 dynamic_shapes=dynamic_shapes(dtype),
             )
         except ModuleNotFoundError as err:
-            raise TrainerError(f"ONNX export needs {err.name!r} (pip install 'tensorwire[train]')") from None
+            raise TrainerError(f"ONNX export needs {err.name!r} ({install_hint('train')})") from None
         except Exception as err:  # noqa: BLE001 - the exporter raises many types, with pages of detail
             raise TrainerError(f"ONNX export failed: {_first_line(err)}") from err
     if path.with_name(path.name + ".data").exists():

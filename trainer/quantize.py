@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from tensorwire.install_hint import install_hint
 from tensorwire.trainer.artifacts import INPUT_NAME, accuracy, onnx_session, predict_onnx, splits_of
 from tensorwire.trainer.config import QuantizeOptions
 from tensorwire.trainer.errors import TrainerError
@@ -122,7 +123,7 @@ def quantize(opts: QuantizeOptions) -> dict[str, Any]:
     try:
         import onnx  # noqa: F401 - onnxruntime.quantization needs it but does not declare it
     except ImportError:
-        raise TrainerError("quantization needs the 'onnx' package (pip install 'tensorwire[train]')") from None
+        raise TrainerError(f"quantization needs the 'onnx' package ({install_hint('train')})") from None
     if opts.calibration_samples < 1:
         raise TrainerError("--calibration-samples must be at least 1")
     run = RunFolder.at(opts.run)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tensorwire.install_hint import install_hint
 from tensorwire.trainer.errors import TrainerError
 
 PAD_ID, UNK_ID = 0, 1
@@ -41,7 +42,7 @@ def jokes_corpus() -> tuple[list[str], np.ndarray, list[str]]:
     try:
         import pyjokes
     except ImportError:
-        raise TrainerError("data 'jokes' needs the pyjokes package (pip install 'tensorwire[train]')") from None
+        raise TrainerError(f"data 'jokes' needs the pyjokes package ({install_hint('train')})") from None
     languages = sorted(pyjokes.pyjokes.all_jokes)
     texts: list[str] = []
     labels: list[int] = []
@@ -89,7 +90,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     try:
         from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     except ImportError:
-        raise TrainerError("text data needs the tokenizers package (pip install 'tensorwire[train]')") from None
+        raise TrainerError(f"text data needs the tokenizers package ({install_hint('train')})") from None
     if vocab_size < len(SPECIAL_TOKENS) + 1:
         raise TrainerError(f"--vocab-size must be at least {len(SPECIAL_TOKENS) + 1} (got {vocab_size})")
     tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
