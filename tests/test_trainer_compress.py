@@ -121,6 +121,24 @@ def test_a_pruned_run_exports_quantizes_and_publishes_unchanged(pruned, tmp_path
         float(load_model_config(repo / "p_int8").metadata["accuracy"]), abs=1e-4
     )
     assert load_model_config(repo / "p_pt2").backend == "torch_export"
+    # without --name, a derived run is named after its run folder: never the parent's digits_cnn
+    unnamed = publish(PublishOptions(run=str(run.root), repo=str(repo)), fmt="onnx")
+    assert unnamed["name"] == run.root.name == "pruned" and not (repo / "digits_cnn").exists()
+    source = load_model_config(repo / "pruned").metadata["source_checkpoint"]
+    assert source == "pruned/best.pt"  # no host path in the config a client can read
+
+
+def test_prune_warns_when_accuracy_fell_more_than_a_point(pruned):
+    from tensorwire.trainer.prune import accuracy_warning
+
+    run, result = pruned
+    report = json.loads((run.root / "prune_report.json").read_text())
+    drop = 100 * (report["parent_val_accuracy"] - report["val_accuracy"])
+    assert ("prune: warning: the pruned model's val_accuracy is" in result.stderr) == (drop > 1.0), result.stderr
+    lower = accuracy_warning({**report, "val_accuracy": report["parent_val_accuracy"] - 0.05})
+    assert lower is not None and "5.0 points below" in lower
+    assert "--finetune-epochs" in lower and "--keep" in lower
+    assert accuracy_warning({**report, "val_accuracy": report["parent_val_accuracy"] - 0.005}) is None
 
 
 def test_unstructured_pruning_zeroes_weights_and_keeps_them_zero(parent, tmp_path):

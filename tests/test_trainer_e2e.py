@@ -140,7 +140,8 @@ def test_published_files_are_readable_and_name_a_real_checkpoint(default_repo):
         assert stat.S_IMODE(config.stat().st_mode) == stat.S_IMODE(model_file.stat().st_mode)
         assert stat.S_IMODE(config.stat().st_mode) == 0o666 & ~current_umask()
         source = Path(load_model_config(repo / model).metadata["source_checkpoint"])
-        assert source == (run / "best.pt").resolve() and source.is_file()  # kept, not a deleted temp folder
+        assert not source.is_absolute()  # relative to the repository: no host path in what clients read
+        assert (repo / source).resolve() == (run / "best.pt").resolve() and (repo / source).is_file()  # kept
 
 
 def current_umask() -> int:

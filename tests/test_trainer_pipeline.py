@@ -24,7 +24,15 @@ import onnx
 import pytest
 import torch
 
-from tensorwire.repository import available_versions, list_models, load_model_config
+from tensorwire.repository import (
+    DynamicBatching,
+    InstanceGroup,
+    VersionPolicy,
+    available_versions,
+    list_models,
+    load_model_config,
+    write_model_config,
+)
 from tensorwire.trainer import cli
 from tensorwire.trainer.artifacts import (
     accuracy,
@@ -197,6 +205,36 @@ def test_publish_takes_the_next_version_atomically(trained, tmp_path):
         )
         == 2
     )  # an explicit, taken version
+
+
+def test_publishing_again_keeps_the_serving_settings_and_writes_no_host_path(trained, tmp_path, capsys):
+    """A new version of an existing model keeps what its owner set in config.toml (max_batch_size, batching,
+    instances, version policy, their own metadata) and says so; the signature and metadata are the new ones."""
+    run, repo, _ = trained
+    repo_copy = tmp_path / "models"
+    shutil.copytree(repo, repo_copy)
+    model_dir = repo_copy / "digits_cnn"
+    config = load_model_config(model_dir)
+    tuned = {
+        "max_batch_size": 32,
+        "dynamic_batching": DynamicBatching(max_queue_delay_us=200, preferred_batch_sizes=[8]),
+        "instance_group": [InstanceGroup(kind="cpu", count=2)],
+        "version_policy": VersionPolicy(all=True),
+        "metadata": {**config.metadata, "owner": "team-a"},
+    }
+    write_model_config(config.model_copy(update=tuned), model_dir)
+    assert cli.publish(["--run", str(run.root), "--repo", str(repo_copy), "--name", "digits_cnn"]) == 0
+    out = capsys.readouterr().out
+    assert "kept the serving settings of the existing" in out and "max_batch_size 32" in out
+    after = load_model_config(model_dir)
+    assert available_versions(model_dir) == [1, 2]
+    assert after.max_batch_size == 32 and after.dynamic_batching == tuned["dynamic_batching"]
+    assert after.instance_group == tuned["instance_group"] and after.version_policy == VersionPolicy(all=True)
+    assert after.metadata["owner"] == "team-a" and after.metadata["published_at"] >= config.metadata["published_at"]
+    source = after.metadata["source_checkpoint"]
+    assert (
+        source == f"{run.root.name}/best.pt" and str(run.root.resolve()) not in (model_dir / "config.toml").read_text()
+    )
 
 
 def test_publish_refuses_an_int8_model_that_lost_too_much(trained, tmp_path, capsys):

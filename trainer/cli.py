@@ -173,6 +173,12 @@ def _publish(config: dict, flags: dict, source: str, fmt: str | None = None, nam
         f"publish: {result['name']} version {result['version']} ({result['backend']}, test accuracy "
         f"{result['accuracy']}) -> {result['path']}"
     )
+    if result["kept_settings"]:
+        print(
+            f"publish: kept the serving settings of the existing {result['path'].rsplit('/', 1)[0]}/config.toml "
+            f"(max_batch_size {result['max_batch_size']}, dynamic_batching, instance_group, version_policy, "
+            "your metadata); edit that file to change them"
+        )
 
 
 def _train(config: dict, flags: dict, source: str) -> None:
@@ -203,6 +209,7 @@ def _train(config: dict, flags: dict, source: str) -> None:
 
 
 def _prune(config: dict, flags: dict, source: str) -> None:
+    from tensorwire.trainer.prune import accuracy_warning
     from tensorwire.trainer.prune import prune as run_prune
 
     opts, explicit = resolve(PruneOptions, "prune", config, flags, source)
@@ -221,6 +228,9 @@ def _prune(config: dict, flags: dict, source: str) -> None:
     )
     if report["method"] == "unstructured":
         print("prune: note: zeros in dense tensors: file size and CPU speed stay as they were", file=sys.stderr)
+    warning = accuracy_warning(report)
+    if warning:
+        print(f"prune: {warning}", file=sys.stderr)
 
 
 def _distill(config: dict, flags: dict, source: str) -> None:

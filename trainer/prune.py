@@ -136,6 +136,24 @@ def _default_lr(optimizer: str) -> float:
     return DEFAULT_LR[optimizer]
 
 
+#: A pruned model more than this many points of validation accuracy below its parent gets a warning.
+ACCURACY_WARNING_POINTS = 1.0
+
+
+def accuracy_warning(report: dict[str, Any]) -> str | None:
+    """One line when ``report``'s final validation accuracy is more than :data:`ACCURACY_WARNING_POINTS`
+    points below the parent's, saying what to try; None otherwise."""
+    drop = 100 * (report["parent_val_accuracy"] - report["val_accuracy"])
+    if drop <= ACCURACY_WARNING_POINTS:
+        return None
+    return (
+        f"warning: the pruned model's val_accuracy is {drop:.1f} points below its parent's "
+        f"({report['parent_val_accuracy']:.4f} -> {report['val_accuracy']:.4f}); try more fine-tuning "
+        f"(--finetune-epochs, {report['finetune_epochs']} now), more --steps ({report['steps']} now) or a larger "
+        f"--keep ({report['keep']:g} now)"
+    )
+
+
 def prune(opts: PruneOptions, explicit: set[str] | None = None) -> dict[str, Any]:
     """Prune ``--source``'s best model into ``--run``; returns the report (also in prune_report.json)."""
     import torch

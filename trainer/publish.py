@@ -51,12 +51,39 @@ FORMATS = {
 }
 
 
-def default_name(spec: dict[str, Any], fmt: str) -> str:
-    """``<dataset>_<model>`` (+ ``_int8`` / ``_ts``), e.g. ``digits_cnn_int8``."""
+def default_name(spec: dict[str, Any], fmt: str, run: RunFolder | None = None, fit_config: dict | None = None) -> str:
+    """``<dataset>_<model>`` (+ ``_int8`` / ``_ts``), e.g. ``digits_cnn_int8``. A derived run (pruned or
+    distilled: its fit config has ``init_from`` or ``distill``) is named after its run folder instead, e.g.
+    ``runs/digits_pruned`` -> ``digits_pruned``, so that publishing it never replaces the model it came from."""
     dataset = re.sub(r"\[.*", "", spec["dataset"]).rsplit(".", 1)[0]
     model = spec["name"].rsplit(":", 1)[-1]
-    base = re.sub(r"[^A-Za-z0-9_.\-]+", "_", f"{dataset}_{model}").strip("_.-") or "model"
+    base = _safe_name(f"{dataset}_{model}")
+    derived = _derivation(fit_config or {})
+    if run is not None and derived:
+        folder = _safe_name(run.root.resolve().name)
+        base = folder if folder not in ("model", base) else f"{base}_{derived}"
     return base + FORMATS[fmt][1]
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", text).strip("_.-") or "model"
+
+
+def _derivation(fit_config: dict[str, Any]) -> str:
+    """``pruned`` or ``distilled`` for a run that ``prune`` or ``distill`` made, else ``""``."""
+    if fit_config.get("distill"):
+        return "distilled"
+    return "pruned" if fit_config.get("init_from") else ""
+
+
+def portable_checkpoint_path(checkpoint: Path, repo: Path) -> str:
+    """Where ``checkpoint`` is, for a model's metadata, without the host's absolute paths (they say nothing
+    to a client and tell anyone who can read the config how the host is laid out): relative to the
+    repository when it lies inside it (``.build/digits/best.pt``), else ``<run folder>/<file>``."""
+    checkpoint, repo = checkpoint.resolve(), repo.resolve()
+    if checkpoint.is_relative_to(repo):
+        return checkpoint.relative_to(repo).as_posix()
+    return f"{checkpoint.parent.name}/{checkpoint.name}"
 
 
 def _artifact(run: RunFolder, fmt: str) -> Path:
@@ -157,12 +184,33 @@ def build_config(
         raise TrainerError(f"invalid model config: {first[2].strip() if len(first) > 2 else first[0]}") from None
 
 
-def _existing_policy(model_dir: Path) -> VersionPolicy | None:
-    """Keep a version policy someone chose by hand (e.g. all = true) when adding a version."""
+#: What a re-publish keeps from an existing config.toml: how the model is served, which its owner may have
+#: tuned by hand. Signature, backend and metadata describe the new artifact and are written anew.
+SERVING_SETTINGS = (
+    "max_batch_size",
+    "version_policy",
+    "dynamic_batching",
+    "instance_group",
+    "warmup",
+    "execution_timeout_s",
+)
+
+
+def _existing_config(model_dir: Path) -> ModelConfigFile | None:
+    """The model's current config.toml, or None when there is none or it does not load (then rewritten)."""
     try:
-        return load_model_config(model_dir).version_policy if (model_dir / "config.toml").exists() else None
+        return load_model_config(model_dir) if (model_dir / "config.toml").exists() else None
     except RepositoryConfigError:
         return None
+
+
+def keep_serving_settings(new: ModelConfigFile, existing: ModelConfigFile | None) -> ModelConfigFile:
+    """``new`` with ``existing``'s serving settings (:data:`SERVING_SETTINGS`) and the metadata keys that
+    ``new`` does not write (a user's own notes); ``new`` itself without an existing config."""
+    if existing is None:
+        return new
+    kept = {field: getattr(existing, field) for field in SERVING_SETTINGS}
+    return new.model_copy(update={**kept, "metadata": {**existing.metadata, **new.metadata}})
 
 
 @contextlib.contextmanager
@@ -234,7 +282,7 @@ def publish(opts: PublishOptions, fmt: str | None = None, name: str | None = Non
         "model": spec["name"],
         "dataset": spec["dataset"],
         "labels": ",".join(spec.get("label_names") or [str(i) for i in range(spec["num_classes"])]),
-        "source_checkpoint": str(run.best.resolve()),
+        "source_checkpoint": portable_checkpoint_path(run.best, Path(opts.repo)),
         "checkpoint_epoch": str(state["epoch"]),
         "val_accuracy": f"{state['metrics']['val_accuracy']:.4f}",
         "sha256": hashlib.sha256(artifact.read_bytes()).hexdigest(),
@@ -245,14 +293,15 @@ def publish(opts: PublishOptions, fmt: str | None = None, name: str | None = Non
         metadata["input"] = "8x8 grey image, pixel values 0..16 divided by 16 (range 0..1)"
     if spec.get("input_dtype") == "int64":
         metadata["input"] = "token ids of any length, right-padded with 0 (text: the run's export/tokenizer.json)"
-    model_name = name or opts.name or default_name(spec, fmt)
+    model_name = name or opts.name or default_name(spec, fmt, run, state.get("config"))
     try:
         check_model_name(model_name)
     except RepositoryConfigError as err:
         raise TrainerError(str(err)) from None
     model_dir = Path(opts.repo) / model_name
     with _publish_lock(model_dir):
-        config = build_config(spec, backend, opts, metadata, _existing_policy(model_dir))
+        existing = _existing_config(model_dir)
+        config = keep_serving_settings(build_config(spec, backend, opts, metadata), existing)
         write_model_config(config, model_dir)
         version = install_version(model_dir, artifact, DEFAULT_FILENAMES[backend], opts.version)
     return {
@@ -261,4 +310,6 @@ def publish(opts: PublishOptions, fmt: str | None = None, name: str | None = Non
         "path": str(model_dir / str(version)),
         "backend": backend,
         "accuracy": metadata["accuracy"],
+        "kept_settings": existing is not None,
+        "max_batch_size": config.max_batch_size,
     }
