@@ -10,8 +10,8 @@ import grpc
 import numpy as np
 import pytest
 from infer_helpers import InputTensor, infer_request, outputs_of, sleeper_request
-from model_factory import executed_ids, onnx_add_sub, onnx_identity, sleeper_model
-from serving import call, running_server
+from model_factory import executed_ids, onnx_add_sub, onnx_identity, sleeper_model, wait_started
+from serving import call, running_server, wait_pending
 
 from tensorwire.proto import inference_pb2 as pb
 from tensorwire.proto.service import METHODS
@@ -152,10 +152,10 @@ def test_full_queue_is_resource_exhausted_with_pushback_and_queued_work_complete
             request_serializer=m.request.SerializeToString,
             response_deserializer=m.response.FromString,
         )
-        running = stub.future(sleeper_request(101, sleep_ms=700), timeout=30)
-        time.sleep(0.2)
+        running = stub.future(sleeper_request(101, sleep_ms=2000), timeout=30)
+        wait_started(log, 101)  # the only replica is busy for 2 s
         queued = [stub.future(sleeper_request(i), timeout=30) for i in (102, 103)]
-        time.sleep(0.2)
+        wait_pending(server, "sleeper", 2)  # the queue (max_queue_size 2) is full
         with pytest.raises(grpc.RpcError) as err:
             stub(sleeper_request(104), timeout=30)
         assert all(f.result().id for f in [running, *queued])
