@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
 import pytest
 from infer_helpers import infer_request, outputs_of, sleeper_request
-from model_factory import executed_ids, onnx_add_sub, onnx_identity, sleeper_model
-from serving import call, running_server
+from model_factory import executed_ids, onnx_add_sub, onnx_identity, sleeper_model, wait_started
+from serving import call, running_server, wait_pending
 
 from tensorwire.proto import inference_pb2 as pb
 from tensorwire.proto.service import METHODS
@@ -109,8 +108,8 @@ def test_identity_model_under_concurrency_returns_each_clients_values(server):
 def test_request_past_its_deadline_is_never_executed(server):
     log = server.extra["sleeper_log"]
     with server.channel() as channel:
-        blocker = infer_future(channel, sleeper_request(2001, sleep_ms=800))
-        time.sleep(0.2)
+        blocker = infer_future(channel, sleeper_request(2001, sleep_ms=2000))
+        wait_started(log, 2001)  # the only replica is busy for 2 s
         # Server-side queue timeout (the v2 'timeout' parameter, microseconds): the server answers.
         with pytest.raises(grpc.RpcError) as server_side:
             call(channel, "ModelInfer", sleeper_request(2002, parameters={"timeout": 100_000}))
@@ -130,10 +129,10 @@ def test_request_past_its_deadline_is_never_executed(server):
 def test_cancelled_queued_request_is_never_executed(server):
     log = server.extra["sleeper_log"]
     with server.channel() as channel:
-        blocker = infer_future(channel, sleeper_request(3001, sleep_ms=600))
-        time.sleep(0.2)
+        blocker = infer_future(channel, sleeper_request(3001, sleep_ms=2000))
+        wait_started(log, 3001)  # the only replica is busy for 2 s
         victim = infer_future(channel, sleeper_request(3002))
-        time.sleep(0.1)
+        wait_pending(server, "sleeper", 1)  # the victim is queued
         assert victim.cancel()
         blocker.result()
         call(channel, "ModelInfer", sleeper_request(3003))
