@@ -137,7 +137,7 @@ def test_prune_warns_when_accuracy_fell_more_than_a_point(pruned):
     assert ("prune: warning: the pruned model's val_accuracy is" in result.stderr) == (drop > 1.0), result.stderr
     lower = accuracy_warning({**report, "val_accuracy": report["parent_val_accuracy"] - 0.05})
     assert lower is not None and "5.0 points below" in lower
-    assert "--finetune-epochs" in lower and "--keep" in lower
+    assert "--finetune-epochs" in lower and "--lr" in lower and "--keep" in lower
     assert accuracy_warning({**report, "val_accuracy": report["parent_val_accuracy"] - 0.005}) is None
 
 

@@ -61,8 +61,8 @@ EXAMPLES = {
     "quantize": "example: tensorwire quantize --run runs/digits",
     "publish": "example: tensorwire publish --run runs/digits --repo models --format int8",
     "train": "example: tensorwire train --data digits --nproc-per-node 2 --repo models --name digits_cnn",
-    "prune": "example: tensorwire prune --source runs/digits --run runs/digits_pruned --keep 0.3 --steps 2 "
-    "--finetune-epochs 3 --nproc-per-node 2",
+    "prune": "example: tensorwire prune --source models/.build/digits_cnn --run runs/digits_pruned --keep 0.5 "
+    "--steps 2 --finetune-epochs 6 --lr 0.001 --nproc-per-node 2",
     "distill": "example: tensorwire distill --teacher runs/digits --run runs/digits_student --model cnn "
     "--model-arg width=8 --epochs 10 --nproc-per-node 2",
 }

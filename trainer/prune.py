@@ -149,8 +149,8 @@ def accuracy_warning(report: dict[str, Any]) -> str | None:
     return (
         f"warning: the pruned model's val_accuracy is {drop:.1f} points below its parent's "
         f"({report['parent_val_accuracy']:.4f} -> {report['val_accuracy']:.4f}); try more fine-tuning "
-        f"(--finetune-epochs, {report['finetune_epochs']} now), more --steps ({report['steps']} now) or a larger "
-        f"--keep ({report['keep']:g} now)"
+        f"(--finetune-epochs, {report['finetune_epochs']} now), a higher --lr (default: a tenth of the parent's), "
+        f"more --steps ({report['steps']} now) or a larger --keep ({report['keep']:g} now)"
     )
 
 
