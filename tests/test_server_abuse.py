@@ -101,7 +101,10 @@ def test_requests_beyond_the_memory_budget_are_resource_exhausted_and_the_rest_c
 def test_a_call_arriving_while_the_budget_is_spent_is_refused_unread(budget_server):
     with budget_server.channel() as channel, ThreadPoolExecutor(4) as pool:
         running = [pool.submit(outcome, channel, big_request()) for _ in range(4)]
-        time.sleep(0.5)  # four requests hold the whole budget for about a second
+        deadline = time.monotonic() + 60
+        while scrape(budget_server)[("tensorwire_inflight_bytes", ())] < BUDGET:  # the four hold the whole budget
+            assert time.monotonic() < deadline, "the four requests never held the budget together"
+            time.sleep(0.02)
         code, details = outcome(channel, big_request("late"))
         assert code == "RESOURCE_EXHAUSTED"
         assert "this request would exceed" in details  # refused before its bytes were read
