@@ -141,11 +141,18 @@ def test_no_live_replica_shows_in_readiness_and_index(tmp_path):
     with running_server(repo, "--drain-seconds", "0") as server, server.channel() as ch:
         code, _ = outcome(ch, 66)
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-        time.sleep(1.5)
+
+        def row():
+            [entry] = [m for m in call(ch, "RepositoryIndex", pb.RepositoryIndexRequest()).models if m.name == "wild"]
+            return entry
+
+        deadline = time.monotonic() + 60  # until the replacement has failed to start
+        while "cannot start again" not in row().reason:
+            assert time.monotonic() < deadline, row()
+            time.sleep(0.05)
         assert not call(ch, "ModelReady", pb.ModelReadyRequest(name="wild")).ready
         assert not call(ch, "ServerReady", pb.ServerReadyRequest()).ready
-        [row] = [m for m in call(ch, "RepositoryIndex", pb.RepositoryIndexRequest()).models if m.name == "wild"]
-        assert row.state == "UNAVAILABLE" and "no live replica" in row.reason and "cannot start again" in row.reason
+        assert row().state == "UNAVAILABLE" and "no live replica" in row().reason
         code, details = outcome(ch, 5)
         assert code == grpc.StatusCode.UNAVAILABLE and "no live replica" in details
 
