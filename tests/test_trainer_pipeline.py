@@ -231,6 +231,11 @@ def test_publishing_again_keeps_the_serving_settings_and_writes_no_host_path(tra
     assert after.max_batch_size == 32 and after.dynamic_batching == tuned["dynamic_batching"]
     assert after.instance_group == tuned["instance_group"] and after.version_policy == VersionPolicy(all=True)
     assert after.metadata["owner"] == "team-a" and after.metadata["published_at"] >= config.metadata["published_at"]
+    # an option given on the command line replaces its setting; the others stay
+    repeat = ["--run", str(run.root), "--repo", str(repo_copy), "--name", "digits_cnn", "--max-batch-size", "16"]
+    assert cli.publish(repeat) == 0
+    again = load_model_config(model_dir)
+    assert again.max_batch_size == 16 and again.instance_group == tuned["instance_group"]
     source = after.metadata["source_checkpoint"]
     assert (
         source == f"{run.root.name}/best.pt" and str(run.root.resolve()) not in (model_dir / "config.toml").read_text()

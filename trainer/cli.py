@@ -167,8 +167,8 @@ def _quantize(config: dict, flags: dict, source: str) -> None:
 def _publish(config: dict, flags: dict, source: str, fmt: str | None = None, name: str | None = None) -> None:
     from tensorwire.trainer.publish import publish as run_publish
 
-    opts, _ = resolve(PublishOptions, "publish", config, flags, source)
-    result = run_publish(opts, fmt=fmt, name=name)
+    opts, explicit = resolve(PublishOptions, "publish", config, flags, source)
+    result = run_publish(opts, fmt=fmt, name=name, explicit=explicit)
     print(
         f"publish: {result['name']} version {result['version']} ({result['backend']}, test accuracy "
         f"{result['accuracy']}) -> {result['path']}"
@@ -177,7 +177,7 @@ def _publish(config: dict, flags: dict, source: str, fmt: str | None = None, nam
         print(
             f"publish: kept the serving settings of the existing {result['path'].rsplit('/', 1)[0]}/config.toml "
             f"(max_batch_size {result['max_batch_size']}, dynamic_batching, instance_group, version_policy, "
-            "your metadata); edit that file to change them"
+            "your metadata); edit that file or give the option (--max-batch-size ...) to change them"
         )
 
 

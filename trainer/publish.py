@@ -204,13 +204,33 @@ def _existing_config(model_dir: Path) -> ModelConfigFile | None:
         return None
 
 
-def keep_serving_settings(new: ModelConfigFile, existing: ModelConfigFile | None) -> ModelConfigFile:
+#: publish option -> the config.toml setting it writes (an option given on the command line replaces it)
+OPTION_SETTINGS = {
+    "max_batch_size": "max_batch_size",
+    "max_queue_delay_us": "dynamic_batching",
+    "preferred_batch_sizes": "dynamic_batching",
+    "instances": "instance_group",
+    "instance_kind": "instance_group",
+}
+
+
+def keep_serving_settings(
+    new: ModelConfigFile, existing: ModelConfigFile | None, explicit: set[str] | frozenset[str] = frozenset()
+) -> ModelConfigFile:
     """``new`` with ``existing``'s serving settings (:data:`SERVING_SETTINGS`) and the metadata keys that
-    ``new`` does not write (a user's own notes); ``new`` itself without an existing config."""
+    ``new`` does not write (a user's own notes); ``new`` itself without an existing config. A setting whose
+    publish option is in ``explicit`` (given on the command line, see :data:`OPTION_SETTINGS`) is ``new``'s."""
     if existing is None:
         return new
-    kept = {field: getattr(existing, field) for field in SERVING_SETTINGS}
-    return new.model_copy(update={**kept, "metadata": {**existing.metadata, **new.metadata}})
+    replaced = {OPTION_SETTINGS[name] for name in explicit if name in OPTION_SETTINGS}
+    kept = {field: getattr(existing, field) for field in SERVING_SETTINGS if field not in replaced}
+    merged = {**dict(new), **kept, "metadata": {**existing.metadata, **new.metadata}}
+    try:
+        return ModelConfigFile.model_validate(merged)
+    except ValueError as err:  # e.g. a kept preferred batch size above a new --max-batch-size
+        first = str(err).splitlines()
+        problem = first[2].strip() if len(first) > 2 else first[0]
+        raise TrainerError(f"the existing config.toml's settings do not fit the new ones: {problem}") from None
 
 
 @contextlib.contextmanager
@@ -266,8 +286,11 @@ def install_version(model_dir: Path, artifact: Path, filename: str, version: int
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def publish(opts: PublishOptions, fmt: str | None = None, name: str | None = None) -> dict[str, Any]:
-    """Publish one artifact of the run; returns where it went."""
+def publish(
+    opts: PublishOptions, fmt: str | None = None, name: str | None = None, explicit: set[str] | None = None
+) -> dict[str, Any]:
+    """Publish one artifact of the run; returns where it went. An existing config.toml keeps its serving
+    settings except those whose options are in ``explicit`` (the options given on the command line)."""
     fmt = fmt or opts.format
     run = RunFolder.at(opts.run)
     if opts.max_batch_size < 0 or opts.instances < 1 or opts.version < 0:
@@ -301,7 +324,7 @@ def publish(opts: PublishOptions, fmt: str | None = None, name: str | None = Non
     model_dir = Path(opts.repo) / model_name
     with _publish_lock(model_dir):
         existing = _existing_config(model_dir)
-        config = keep_serving_settings(build_config(spec, backend, opts, metadata), existing)
+        config = keep_serving_settings(build_config(spec, backend, opts, metadata), existing, explicit or set())
         write_model_config(config, model_dir)
         version = install_version(model_dir, artifact, DEFAULT_FILENAMES[backend], opts.version)
     return {
