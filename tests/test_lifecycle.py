@@ -29,6 +29,8 @@ class Model:
     def __init__(self):
         time.sleep({init_s})
     def execute(self, inputs):
+        with open({starts!r}, "a") as log:
+            log.write("started\\n")
         time.sleep(float(inputs["INPUT0"].max()) / 1000.0)  # INPUT0 holds milliseconds to sleep
         return {{"OUTPUT0": inputs["INPUT0"]}}
     def close(self):
@@ -43,7 +45,7 @@ def slow_model(repo: Path, name: str, init_s: float = 0.0, count: int = 1) -> Pa
     python_model(
         repo,
         name,
-        SLOW_INIT.format(init_s=init_s, closes=str(closes)),
+        SLOW_INIT.format(init_s=init_s, closes=str(closes), starts=str(starts_of(repo, name))),
         {
             "max_batch_size": 8,
             "warmup": "none",
@@ -53,6 +55,17 @@ def slow_model(repo: Path, name: str, init_s: float = 0.0, count: int = 1) -> Pa
         },
     )
     return closes
+
+
+def starts_of(repo: Path, name: str) -> Path:
+    """The file where the slow model ``name`` logs each run it starts (before it sleeps)."""
+    return Path(repo).parent / f"{name}.starts"
+
+
+def running(repo: Path, name: str, count: int = 1) -> bool:
+    """Wait until the slow model ``name`` has started ``count`` runs; False after 20 s."""
+    starts = starts_of(repo, name)
+    return wait_for(lambda: starts.exists() and starts.read_text().count("started") >= count)
 
 
 def sleep_request(model: str, ms: float = 0.0) -> pb.ModelInferRequest:
@@ -106,14 +119,14 @@ def test_unload_outlives_its_callers_timeout(tmp_path):
     repo = tmp_path / "repo"
     closes = slow_model(repo, "busy")
     with running_server(repo, "--drain-seconds", "0") as server, server.channel() as ch:
-        running = threading.Thread(target=lambda: call(ch, "ModelInfer", sleep_request("busy", 1500), timeout=30))
-        running.start()
-        time.sleep(0.3)
+        caller = threading.Thread(target=lambda: call(ch, "ModelInfer", sleep_request("busy", 1500), timeout=30))
+        caller.start()
+        assert running(repo, "busy")
         unload = pb.RepositoryModelUnloadRequest(model_name="busy")
         assert code_of(lambda: call(ch, "RepositoryModelUnload", unload, timeout=0.3)) == (
             grpc.StatusCode.DEADLINE_EXCEEDED
         )
-        running.join(30)
+        caller.join(30)
         assert wait_for(lambda: index(ch, "busy")["1"] == ("UNAVAILABLE", "unloaded")), index(ch, "busy")
         assert wait_for(lambda: closes.exists() and closes.read_text().count("closed") == 1)
         assert call(ch, "ServerReady", pb.ServerReadyRequest()).ready  # unloaded on request: still ready
@@ -153,7 +166,7 @@ def test_load_while_draining_is_refused_and_failed_load_is_logged(tmp_path):
         assert "event=load_failed model=broken" in server.log()  # the reason reaches the server log
         onnx_identity(repo, "newcomer", dims=[4], max_batch_size=8)
         server.process.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        assert wait_for(lambda: not call(ch, "ServerReady", pb.ServerReadyRequest()).ready)  # draining
         newcomer = pb.RepositoryModelLoadRequest(model_name="newcomer")
         assert code_of(lambda: call(ch, "RepositoryModelLoad", newcomer, timeout=30)) == grpc.StatusCode.UNAVAILABLE
         assert server.process.wait(30) == 0
@@ -186,21 +199,21 @@ def test_unload_racing_shutdown_closes_each_replica_once(tmp_path):
     repo = tmp_path / "repo"
     closes = slow_model(repo, "pair", count=2)
     with running_server(repo, "--drain-seconds", "0", "--grace-seconds", "10") as server, server.channel() as ch:
-        running = threading.Thread(
-            target=lambda: code_of(lambda: call(ch, "ModelInfer", sleep_request("pair", 1000), timeout=30))
+        caller = threading.Thread(
+            target=lambda: code_of(lambda: call(ch, "ModelInfer", sleep_request("pair", 2000), timeout=30))
         )
-        running.start()
-        time.sleep(0.3)
+        caller.start()
+        assert running(repo, "pair")
         unload = threading.Thread(
             target=lambda: code_of(
                 lambda: call(ch, "RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name="pair"))
             )
         )
         unload.start()
-        time.sleep(0.2)
+        assert wait_for(lambda: index(ch, "pair")["1"][0] == "UNLOADING")  # waiting for the running request
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(30) == 0
-        running.join(10)
+        caller.join(10)
         unload.join(10)
     assert closes.read_text().count("closed") == 2  # two replicas, each closed exactly once
 
