@@ -23,7 +23,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tensorwire.loadtest.launch import ServerProcess, call, free_port, serve
 
-__all__ = ["WORKERS_ENV", "RunningServer", "call", "free_port", "running_server", "server_args", "wait_pending"]
+__all__ = [
+    "WORKERS_ENV",
+    "RunningServer",
+    "call",
+    "free_port",
+    "pending_requests",
+    "running_server",
+    "server_args",
+    "wait_pending",
+]
 
 #: The environment variable that runs every test server with ``--workers N``.
 WORKERS_ENV = "TENSORWIRE_TEST_WORKERS"

@@ -8,7 +8,7 @@ import time
 import grpc
 from infer_helpers import sleeper_request
 from model_factory import executed_ids, sleeper_model
-from serving import call, running_server
+from serving import call, pending_requests, running_server
 
 from tensorwire.proto import inference_pb2 as pb
 from tensorwire.proto.service import METHODS
@@ -26,10 +26,16 @@ def test_sigterm_drains_accepted_requests_and_exits_zero(tmp_path):
                 response_deserializer=m.response.FromString,
             )
             accepted = [stub.future(sleeper_request(i, sleep_ms=150), timeout=60) for i in range(21, 41)]
-            time.sleep(0.3)  # all 20 are queued or running (10 batches x 150 ms = 1.5 s of work)
+            # all 20 are queued or have started (10 batches x 150 ms = 1.5 s of work)
+            deadline = time.monotonic() + 60
+            while len(set(executed_ids(log)) & set(range(21, 41))) + pending_requests(server, "sleeper") < 20:
+                assert time.monotonic() < deadline, "the 20 requests never all reached the server"
+                time.sleep(0.02)
             server.process.send_signal(signal.SIGTERM)
-            time.sleep(0.2)
-            assert call(channel, "ServerReady", pb.ServerReadyRequest()).ready is False  # flips first
+            deadline = time.monotonic() + 10
+            while call(channel, "ServerReady", pb.ServerReadyRequest()).ready:  # readiness flips first
+                assert time.monotonic() < deadline, "ServerReady stayed true after SIGTERM"
+                time.sleep(0.01)
             during_drain_window = stub(sleeper_request(500), timeout=30)  # still served in the window
             time.sleep(0.6)
             refused = None
