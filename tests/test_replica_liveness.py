@@ -35,6 +35,7 @@ class Model:
         if (x == 66).any():
             if {break_restart!r}:
                 open({broken_marker!r}, "w").close()
+            open({hung_marker!r}, "w").close()
             time.sleep(60)
         if (x == 7).any():
             return {{"Y": np.zeros((x.shape[0], 7), np.float32)}}
@@ -52,7 +53,11 @@ def misbehaving(repo, name: str = "wild", break_restart: bool = False, **config)
     python_model(
         repo,
         name,
-        MISBEHAVING.format(broken_marker=str(repo.parent / f"{name}.broken"), break_restart=break_restart),
+        MISBEHAVING.format(
+            broken_marker=str(repo.parent / f"{name}.broken"),
+            hung_marker=str(repo.parent / f"{name}.hung"),
+            break_restart=break_restart,
+        ),
         {
             "max_batch_size": 8,
             "warmup": "none",
@@ -166,7 +171,10 @@ def test_shutdown_and_unload_stay_within_grace_with_a_hung_model(tmp_path):
         for name in ("hung_a", "hung_b"):
             thread = threading.Thread(target=lambda n=name: results.setdefault(n, outcome(ch, 66, model=n)))
             thread.start()
-        time.sleep(0.5)
+        deadline = time.monotonic() + 60  # both replicas hang in input 66 (each wrote its marker)
+        while not all((repo.parent / f"{name}.hung").exists() for name in ("hung_a", "hung_b")):
+            assert time.monotonic() < deadline, "the hung models never started input 66"
+            time.sleep(0.02)
         started = time.monotonic()
         call(ch, "RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name="hung_a"), timeout=30)
         assert time.monotonic() - started < 2 + 2.5  # the grace period, not the 60 s hang
