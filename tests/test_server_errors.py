@@ -220,8 +220,14 @@ def test_model_loading_is_unavailable(server):
     )
     loader.start()
     try:
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60
         with server.channel() as channel:
+            while not any(  # the load has begun (it takes 3 s)
+                m.name == "slow_loader" and m.state == "LOADING"
+                for m in call(channel, "RepositoryIndex", pb.RepositoryIndexRequest()).models
+            ):
+                assert time.monotonic() < deadline, "slow_loader never started loading"
+                time.sleep(0.02)
             with pytest.raises(grpc.RpcError) as err:
                 call(
                     channel,

@@ -144,7 +144,7 @@ def test_a_batch_forms_from_connections_on_different_front_ends(server, repo):
     before = scrape(server)
     try:
         blocker = infer_future(channels[0], sleeper_request(5000, sleep_ms=1500))
-        time.sleep(0.3)
+        wait_started(repo / "sleeper.calls", 5000)  # the only replica is busy for 1.5 s
         futures = [infer_future(ch, sleeper_request(5001 + i)) for i, ch in enumerate(channels)]
         answers = [f.result() for f in futures]
         blocker.result()
@@ -259,7 +259,7 @@ def test_sigterm_finishes_accepted_work_and_stops_every_process(repo):
         pids = frontend_pids(server)
         channel = channel_to(server)
         accepted = infer_future(channel, sleeper_request(8001, sleep_ms=800))
-        time.sleep(0.3)
+        wait_started(repo / "sleeper.calls", 8001)  # accepted and running
         started = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         assert accepted.result().id == "8001"
