@@ -99,9 +99,7 @@ def onnx_add_sub(
     return _save(helper.make_model(graph), repo, name, version)
 
 
-def onnx_gather(
-    repo: Path, name: str = "lookup", max_batch_size: int = 16, version: int = 1, **config: Any
-) -> Path:
+def onnx_gather(repo: Path, name: str = "lookup", max_batch_size: int = 16, version: int = 1, **config: Any) -> Path:
     """OUTPUT0[b] = TABLE[INDEX[b]] with a 10-entry table: an index >= 10 makes ORT raise."""
     table = helper.make_tensor("TABLE", TensorProto.FLOAT, [10], np.arange(10, dtype=np.float32) * 10)
     graph = helper.make_graph(

@@ -60,8 +60,17 @@ def test_metadata(server, capsys):
 def test_infer_npy_to_npz(server, capsys, tmp_path):
     # float64 and no batch dimension: the CLI conforms them to the model's metadata.
     np.save(tmp_path / "x.npy", np.arange(16, dtype=np.float64))
-    code, _, err = run(capsys, "infer", "-a", server.address, "-m", "identity",
-                       f"INPUT0={tmp_path / 'x.npy'}", "-o", str(tmp_path / "out.npz"))
+    code, _, err = run(
+        capsys,
+        "infer",
+        "-a",
+        server.address,
+        "-m",
+        "identity",
+        f"INPUT0={tmp_path / 'x.npy'}",
+        "-o",
+        str(tmp_path / "out.npz"),
+    )
     assert code == 0, err
     with np.load(tmp_path / "out.npz") as out:
         assert out["OUTPUT0"].dtype == np.float32 and np.array_equal(out["OUTPUT0"], [np.arange(16)])
@@ -69,14 +78,34 @@ def test_infer_npy_to_npz(server, capsys, tmp_path):
 
 def test_infer_json_and_npz_inputs(server, capsys, tmp_path):
     (tmp_path / "in.json").write_text(json.dumps({"INPUT0": [[1] * 16], "INPUT1": [[2] * 16]}))
-    code, out, _ = run(capsys, "infer", "-a", server.address, "-m", "add_sub", str(tmp_path / "in.json"),
-                       "--outputs", "OUTPUT1", "--id", "cli-1")
+    code, out, _ = run(
+        capsys,
+        "infer",
+        "-a",
+        server.address,
+        "-m",
+        "add_sub",
+        str(tmp_path / "in.json"),
+        "--outputs",
+        "OUTPUT1",
+        "--id",
+        "cli-1",
+    )
     document = json.loads(out)
     assert code == 0 and document["id"] == "cli-1" and list(document["outputs"]) == ["OUTPUT1"]
     assert document["outputs"]["OUTPUT1"] == {"datatype": "FP32", "shape": [1, 16], "data": [-1.0] * 16}
     np.savez(tmp_path / "words.npz", INPUT0=np.array([["a", "b", "ç"]]))
-    code, _, _ = run(capsys, "infer", "-a", server.address, "-m", identity_name("BYTES"),
-                     str(tmp_path / "words.npz"), "-o", str(tmp_path / "words.json"))
+    code, _, _ = run(
+        capsys,
+        "infer",
+        "-a",
+        server.address,
+        "-m",
+        identity_name("BYTES"),
+        str(tmp_path / "words.npz"),
+        "-o",
+        str(tmp_path / "words.json"),
+    )
     assert code == 0
     words = json.loads((tmp_path / "words.json").read_text())["outputs"]["OUTPUT0"]
     assert words == {"datatype": "BYTES", "shape": [1, 3], "data": ["a", "b", "ç"]}
@@ -85,7 +114,11 @@ def test_infer_json_and_npz_inputs(server, capsys, tmp_path):
 
 
 def test_console_entry_point(server):
-    out = subprocess.run([sys.executable, "-m", "tensorwire.cli", "health", "-a", server.address, "--json"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "tensorwire.cli", "health", "-a", server.address, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["ready"] is True

@@ -43,9 +43,7 @@ def test_batched_model_gives_correct_outputs(server):
     a = np.random.default_rng(0).normal(size=(5, 16)).astype(np.float32)
     b = np.random.default_rng(1).normal(size=(5, 16)).astype(np.float32)
     with server.channel() as channel:
-        response = call(
-            channel, "ModelInfer", infer_request("add_sub", {"INPUT0": a, "INPUT1": b}, request_id="r1")
-        )
+        response = call(channel, "ModelInfer", infer_request("add_sub", {"INPUT0": a, "INPUT1": b}, request_id="r1"))
     out = outputs_of(response)
     assert response.id == "r1" and response.model_version == "1"
     np.testing.assert_allclose(out["OUTPUT0"], a + b)
