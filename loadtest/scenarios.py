@@ -519,7 +519,7 @@ def measure_perf_analyzer(ctx: Context) -> dict[str, Any]:
     the targets computed from those numbers."""
     ctx.require_perf_analyzer()
     s = {**ctx.pick(*PA_TIMING), "concurrency": ctx.pick([1, 4, 16, 64], [1, 4])}
-    timing = {"seconds": ctx.pick(1.0, 0.1), "repeats": ctx.pick(2, 1), "warmup_seconds": ctx.pick(0.2, 0.05)}
+    timing = {"seconds": ctx.pick(1.0, 0.1), "repeats": ctx.pick(2, 1), "warmup_s": ctx.pick(0.2, 0.05)}
     repo = ctx.repo("perf-analyzer", ["identity", "cnn"])
     files = {m: latest_model_file(repo, m)[0] for m in ("identity", "cnn")}
     ctx.log("in-process ceilings: cnn at every batch size with 1 and 2 threads, identity at batch 1")
@@ -868,7 +868,7 @@ def measure_int8_served(ctx: Context) -> dict[str, Any]:
     files = {m: latest_model_file(repo, m)[0] for m in models}
     x = sample_inputs("cnn", 256, 2)  # fresh samples: neither the perf inputs (seed 0) nor the calibration (1)
     a, b = (make_session(files[m], 1).run(None, {"INPUT0": x})[0] for m in models)
-    timing = {"seconds": ctx.pick(1.0, 0.1), "repeats": ctx.pick(2, 1), "warmup_seconds": ctx.pick(0.2, 0.05)}
+    timing = {"seconds": ctx.pick(1.0, 0.1), "repeats": ctx.pick(2, 1), "warmup_s": ctx.pick(0.2, 0.05)}
     ctx.log(f"in-process: cnn and {CNN_INT8} at batch {INT8_BATCHES}, 1 thread")
     in_process = [row for m in models for row in measure_ceiling(files[m], INT8_BATCHES, (1,), **timing)]
     with ctx.server(repo, models=models) as server:

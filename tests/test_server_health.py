@@ -51,7 +51,7 @@ def wait_for(predicate, timeout_s: float = 60.0, what: str = "") -> None:
 
 def test_live_but_not_ready_while_a_model_loads(tmp_path):
     repo = tmp_path / "models"
-    sleeper_model(repo, "slow", init_seconds=8.0)
+    sleeper_model(repo, "slow", init_s=8.0)
     onnx_identity(repo, "fast", dims=[4], max_batch_size=4, warmup="none")
     with running_server(repo, "--drain-seconds", "0", http=True, wait=False) as server:
         with server.channel() as channel:
