@@ -5,14 +5,13 @@ through the same launcher as ``fit``; the results go through export, quantize an
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from cli_runs import digits_cnn, run_cli, run_cli_ok
 
 from tensorwire.repository import load_model_config
 from tensorwire.trainer.artifacts import accuracy, load_trained, onnx_session, predict_onnx, splits_of
@@ -22,38 +21,11 @@ from tensorwire.trainer.structure import count_nonzero, count_parameters
 pytestmark = pytest.mark.slow
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``tensorwire ARGS`` in a fresh interpreter, with a timeout (a DDP hang must fail, not stall)."""
-    return subprocess.run(
-        [sys.executable, "-m", "tensorwire.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-
-
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory) -> RunFolder:
     """A digits CNN (width 16) trained with 2 DDP processes: the model to compress."""
     run = tmp_path_factory.mktemp("compress") / "parent"
-    result = run_cli(
-        "fit",
-        "--data",
-        "digits",
-        "--model",
-        "cnn",
-        "--model-arg",
-        "width=16",
-        "--epochs",
-        "6",
-        "--nproc-per-node",
-        "2",
-        "--run",
-        str(run),
-        "--no-progress",
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_cli_ok("fit", *digits_cnn(16), "--epochs", "6", "--run", str(run), "--no-progress")
     return RunFolder.at(run)
 
 

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -307,6 +308,21 @@ def build_model(
     if standardize:
         model = nn.Sequential(Standardize(input_shape), model)
     return model
+
+
+def build_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """A fresh model (new weights) as a checkpoint's ``model_spec`` describes it: family ``name``,
+    ``input_shape`` (one sample, without the batch dimension), ``num_classes``, the family's ``kwargs``,
+    ``dropout`` and ``standardize``. A pruned model's ``structure`` is not applied here
+    (``tensorwire.trainer.structure.apply_structure``). Raises TrainerError as ``build_model`` does."""
+    return build_model(
+        spec["name"],
+        spec["input_shape"],
+        spec["num_classes"],
+        spec["kwargs"],
+        dropout=spec["dropout"],
+        standardize=spec["standardize"],
+    )
 
 
 def check_model(
