@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.request
 
 import grpc
 import numpy as np
 import pytest
 from infer_helpers import infer_request, outputs_of, sleeper_request
 from model_factory import executed_ids, onnx_identity, sleeper_model
-from prometheus_client.parser import text_string_to_metric_families
-from serving import call, running_server
+from serving import call, running_server, scrape
 
 from tensorwire.proto import inference_pb2 as pb
 from tensorwire.proto.service import METHODS
@@ -44,16 +42,6 @@ def identity(request_id: str, value: float = 1.0) -> bytes:
     return infer_request(
         "identity", {"INPUT0": np.full((1, 4), value, np.float32)}, request_id=request_id
     ).SerializeToString()
-
-
-def scrape(server) -> dict[tuple[str, tuple], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def test_an_unparsable_message_ends_the_stream_with_a_status_after_the_answers_before_it(server):
