@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -29,26 +30,16 @@ def parent(tmp_path_factory) -> RunFolder:
     return RunFolder.at(run)
 
 
+def prune(parent: RunFolder, run: Path, *args: str) -> subprocess.CompletedProcess:
+    """``tensorwire prune`` of ``parent`` into ``run`` with ``args``; 2 fine-tuning epochs, 2 DDP processes."""
+    common = ["--finetune-epochs", "2", "--nproc-per-node", "2", "--no-progress"]
+    return run_cli_ok("prune", "--source", str(parent.root), "--run", str(run), *args, *common)
+
+
 @pytest.fixture(scope="module")
 def pruned(parent) -> tuple[RunFolder, subprocess.CompletedProcess]:
     run = parent.root.parent / "pruned"
-    result = run_cli(
-        "prune",
-        "--source",
-        str(parent.root),
-        "--run",
-        str(run),
-        "--keep",
-        "0.4",
-        "--steps",
-        "2",
-        "--finetune-epochs",
-        "2",
-        "--nproc-per-node",
-        "2",
-        "--no-progress",
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = prune(parent, run, "--keep", "0.4", "--steps", "2")
     return RunFolder.at(run), result
 
 
@@ -97,25 +88,7 @@ def test_a_pruned_run_exports_quantizes_and_publishes_unchanged(pruned, tmp_path
 
 def test_unstructured_pruning_zeroes_weights_and_keeps_them_zero(parent, tmp_path):
     run = RunFolder.at(tmp_path / "sparse")
-    result = run_cli(
-        "prune",
-        "--source",
-        str(parent.root),
-        "--run",
-        str(run.root),
-        "--method",
-        "unstructured",
-        "--keep",
-        "0.3",
-        "--steps",
-        "1",
-        "--finetune-epochs",
-        "2",
-        "--nproc-per-node",
-        "2",
-        "--no-progress",
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = prune(parent, run.root, "--method", "unstructured", "--keep", "0.3", "--steps", "1")
     report = json.loads((run.root / "prune_report.json").read_text())
     model, _ = load_trained(run.best)
     parent_model, _ = load_trained(parent.best)
