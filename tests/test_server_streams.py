@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from infer_helpers import infer_request, outputs_of, sleeper_request
 from model_factory import executed_ids, onnx_identity, sleeper_model
+from polling import wait_for
 from serving import call, running_server, scrape
 
 from tensorwire.proto import inference_pb2 as pb
@@ -90,22 +91,25 @@ def test_requests_queued_when_the_stream_ends_never_run(server):
     before = scrape(server)
     with server.channel() as channel:
         blocker = call_in_thread(channel, sleeper_request(7001, sleep_ms=2500))
-        time.sleep(0.3)  # the only replica is busy for 2.5 s
+        assert wait_for(lambda: 7001 in executed_ids(log), timeout_s=10)  # the only replica is busy for 2.5 s
         queued = [sleeper_request(i).SerializeToString() for i in (7002, 7003, 7004)]
         with pytest.raises(grpc.RpcError) as caught:
             list(open_stream(channel, queued, timeout=1.0))
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         blocker.join(10)
-    time.sleep(0.5)
+
+    def failed() -> float:
+        return sum(
+            value - before.get(key, 0.0)
+            for key, value in scrape(server).items()
+            if key[0] == "tensorwire_request_failure_total" and ("model", "sleeper") in key[1]
+        )
+
+    assert wait_for(lambda: failed() >= 3, timeout_s=10)
+    time.sleep(0.3)  # a fourth failure, or a withdrawn request that ran after all, would show by now
+    assert failed() == 3
     ran = executed_ids(log)
     assert 7001 in ran and not {7002, 7003, 7004} & set(ran)
-    after = scrape(server)
-    failed = sum(
-        value - before.get(key, 0.0)
-        for key, value in after.items()
-        if key[0] == "tensorwire_request_failure_total" and ("model", "sleeper") in key[1]
-    )
-    assert failed == 3
 
 
 def test_each_streamed_request_carries_the_calls_deadline(server):
@@ -114,7 +118,7 @@ def test_each_streamed_request_carries_the_calls_deadline(server):
     log = server.extra["log"]
     with server.channel() as channel:
         blocker = call_in_thread(channel, sleeper_request(7101, sleep_ms=2000))
-        time.sleep(0.3)
+        assert wait_for(lambda: 7101 in executed_ids(log), timeout_s=10)  # the only replica is busy for 2 s
         stream = open_stream(channel, [sleeper_request(7102).SerializeToString()], timeout=0.8)
         with pytest.raises(grpc.RpcError) as caught:
             list(stream)
