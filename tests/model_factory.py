@@ -98,9 +98,7 @@ def onnx_add_sub(
     return _save(helper.make_model(graph), repo, name, version)
 
 
-def onnx_gather(
-    repo: Path, name: str = "lookup", max_batch_size: int = 16, version: int = 1, **config: Any
-) -> Path:
+def onnx_gather(repo: Path, name: str = "lookup", max_batch_size: int = 16, version: int = 1, **config: Any) -> Path:
     """OUTPUT0[b] = TABLE[INDEX[b]] with a 10-entry table: an index >= 10 makes ORT raise."""
     table = helper.make_tensor("TABLE", TensorProto.FLOAT, [10], np.arange(10, dtype=np.float32) * 10)
     graph = helper.make_graph(
@@ -128,14 +126,14 @@ import time
 import numpy as np
 
 LOG = {log!r}
-INIT_SECONDS = {init_seconds!r}
+INIT_S = {init_s!r}
 
 
 class Model:
     """Echoes ID; sleeps max(SLEEP_MS) per execution; logs every executed ID; raises on ID 13."""
 
     def __init__(self):
-        time.sleep(INIT_SECONDS)
+        time.sleep(INIT_S)
 
     def execute(self, inputs):
         ids = inputs["ID"][:, 0].tolist()
@@ -152,7 +150,7 @@ def sleeper_model(
     repo: Path,
     name: str = "sleeper",
     log: Path | None = None,
-    init_seconds: float = 0.0,
+    init_s: float = 0.0,
     max_batch_size: int = 8,
     **config: Any,
 ) -> Path:
@@ -164,7 +162,7 @@ def sleeper_model(
     python_model(
         repo,
         name,
-        SLEEPER_SOURCE.format(log=str(log), init_seconds=init_seconds),
+        SLEEPER_SOURCE.format(log=str(log), init_s=init_s),
         {
             "max_batch_size": max_batch_size,
             "inputs": [

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from tensorwire.loadtest.launch import ServerProcess, call, free_port, serve
 
-__all__ = ["WORKERS_ENV", "RunningServer", "call", "free_port", "running_server", "server_args"]
+__all__ = ["WORKERS_ENV", "RunningServer", "call", "free_port", "running_server", "scrape", "server_args"]
 
 #: The environment variable that runs every test server with ``--workers N``.
 WORKERS_ENV = "TENSORWIRE_TEST_WORKERS"
@@ -53,3 +56,14 @@ def server_args(args: tuple[str, ...] | list[str]) -> list[str]:
     if workers and "--workers" not in args:
         return [*args, "--workers", workers]
     return list(args)
+
+
+def scrape(server: RunningServer) -> dict[tuple[str, tuple], float]:
+    """Every sample of the server's Prometheus endpoint, keyed by (sample name, sorted label items)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }

@@ -47,9 +47,7 @@ def test_unknown_model_and_version_are_not_found(server):
     with server.channel() as channel:
         code, details = status_of(channel, infer_request("nope", {"INPUT0": OK}))
         assert code == grpc.StatusCode.NOT_FOUND and "nope" in details
-        code, details = status_of(
-            channel, infer_request("add_sub", {"INPUT0": OK, "INPUT1": OK}, version="7")
-        )
+        code, details = status_of(channel, infer_request("add_sub", {"INPUT0": OK, "INPUT1": OK}, version="7"))
         assert code == grpc.StatusCode.NOT_FOUND and "version 7" in details
         with pytest.raises(grpc.RpcError) as err:
             call(channel, "ModelMetadata", pb.ModelMetadataRequest(name="nope"))
@@ -198,18 +196,14 @@ def test_backend_failure_is_internal_and_fails_only_that_request(server):
     assert results[11] == 11 and results[12] == 12 and results[14] == 14
     failure = results[13]
     assert failure.code() == grpc.StatusCode.INTERNAL
-    assert (
-        "batchy" in failure.details()
-        and "Traceback" not in failure.details()
-        and "unlucky" not in failure.details()
-    )
+    assert "batchy" in failure.details() and "Traceback" not in failure.details() and "unlucky" not in failure.details()
     assert "unlucky 13" in server.log()  # the traceback goes to the log
     assert any(b.batch_size == 4 for b in stats.batch_stats)  # the four were tried together first
 
 
 def test_model_loading_is_unavailable(server):
     repo = server.extra["repo"]
-    sleeper_model(repo, name="slow_loader", init_seconds=3.0)
+    sleeper_model(repo, name="slow_loader", init_s=3.0)
     loader = threading.Thread(
         target=lambda: call(
             server.channel(),
@@ -226,9 +220,7 @@ def test_model_loading_is_unavailable(server):
                 call(
                     channel,
                     "ModelInfer",
-                    infer_request(
-                        "slow_loader", {"ID": np.array([[1]]), "SLEEP_MS": np.zeros((1, 1), np.float32)}
-                    ),
+                    infer_request("slow_loader", {"ID": np.array([[1]]), "SLEEP_MS": np.zeros((1, 1), np.float32)}),
                 )
             ready = call(channel, "ModelReady", pb.ModelReadyRequest(name="slow_loader")).ready
     finally:
@@ -296,7 +288,5 @@ def test_auth_token_is_required_when_configured(tmp_path):
             assert response.model_name == "identity"
             from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-            health = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=5
-            )
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
             assert health.status == health_pb2.HealthCheckResponse.SERVING  # probes need no token
