@@ -13,7 +13,7 @@ Server CPU per request is the whole process tree's (psutil: the engine process a
 measurement. The per-request cost of the IPC hop is read at concurrency 1, where nothing else differs: the
 p50 latency and the server CPU per request of ``--workers 2`` minus those of ``--workers 1``.
 
-Targets (issue 10): ``--workers 2`` ≥ 1.3× ``--workers 1`` on identity with four perf_analyzers at c=16,
+Targets: ``--workers 2`` ≥ 1.3× ``--workers 1`` on identity with four perf_analyzers at c=16,
 and never slower than ``--workers 1`` on the CNN with one perf_analyzer.
 """
 
@@ -114,7 +114,7 @@ def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
 
 
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's two targets, as ratios of medians: many connections on identity, one client on the CNN."""
+    """The two targets, as ratios of medians: many connections on identity, one client on the CNN."""
     found = []
     many = [(c, p) for c, p in {(r["concurrency"], r["processes"]) for r in rows} if p > 1]
     for concurrency, processes in many:

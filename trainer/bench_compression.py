@@ -353,7 +353,7 @@ def family_table(title: str, variants: Sequence[Variant]) -> list[str]:
 
 
 def targets(results: dict[str, list[Variant]]) -> list[str]:
-    """The issue's three targets, each with the measured value (only for the CNN, when it ran)."""
+    """The three targets, each with the measured value (only for the CNN, when it ran)."""
     rows = results.get("cnn")
     if not rows:
         return []
