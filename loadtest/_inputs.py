@@ -15,23 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tensorwire.proto import codec
-
-#: ONNX Runtime's type strings -> v2 datatypes (what a model file says, in the protocol's words)
-ORT_DATATYPES = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-}
+from tensorwire.repository.onnx_types import ONNX_DATATYPES
 
 
 @dataclass(frozen=True)
@@ -93,14 +77,14 @@ def input_specs(
 
 def session_specs(session, batch_size: int) -> list[InputSpec]:
     """Input specs from an ONNX Runtime session: the first dimension is the batch (``batch_size`` rows),
-    other variable dimensions 1. Raises ValueError for a type outside :data:`ORT_DATATYPES`."""
+    other variable dimensions 1. Raises ValueError for a type outside :data:`ONNX_DATATYPES`."""
     specs = []
     for meta in session.get_inputs():
-        if meta.type not in ORT_DATATYPES:
+        if meta.type not in ONNX_DATATYPES:
             raise ValueError(f"input {meta.name!r} has ONNX type {meta.type}, which load generators do not send")
         dims = list(meta.shape)
         shape = tuple([batch_size] + [d if isinstance(d, int) and d > 0 else 1 for d in dims[1:]]) if dims else ()
-        specs.append(InputSpec(meta.name, ORT_DATATYPES[meta.type], shape, batched=bool(dims)))
+        specs.append(InputSpec(meta.name, ONNX_DATATYPES[meta.type], shape, batched=bool(dims)))
     return specs
 
 

@@ -38,17 +38,17 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from tensorwire.loadtest._inputs import ORT_DATATYPES
 from tensorwire.loadtest.ceiling import make_session
 from tensorwire.proto import codec
 from tensorwire.proto import inference_pb2 as pb
 from tensorwire.proto.service import METHODS, SERVICE_NAME
+from tensorwire.repository.onnx_types import ONNX_DATATYPES
 
 log = logging.getLogger("tensorwire.bare_server")
 
 #: v2 datatypes -> Triton's ModelConfig DataType enum names (perf_analyzer reads ModelConfig)
 CONFIG_TYPES = {
-    datatype: f"TYPE_{'STRING' if datatype == 'BYTES' else datatype}" for datatype in ORT_DATATYPES.values()
+    datatype: f"TYPE_{'STRING' if datatype == 'BYTES' else datatype}" for datatype in ONNX_DATATYPES.values()
 }
 
 
@@ -88,10 +88,10 @@ class Model:
 def _tensors(values, batched: bool) -> list[Tensor]:
     tensors = []
     for value in values:
-        if value.type not in ORT_DATATYPES:
+        if ONNX_DATATYPES.get(value.type, "BF16") == "BF16":  # BF16 would need the server's bf16 conversion
             raise ValueError(f"{value.name}: ONNX type {value.type} is not served by the bare server")
         dims = [d if isinstance(d, int) and d > 0 else -1 for d in value.shape]
-        tensors.append(Tensor(value.name, ORT_DATATYPES[value.type], dims[1:] if batched else dims))
+        tensors.append(Tensor(value.name, ONNX_DATATYPES[value.type], dims[1:] if batched else dims))
     return tensors
 
 

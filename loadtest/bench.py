@@ -478,7 +478,7 @@ def bench_model(
     ceiling: bool = False,
     model_file: Path | None = None,
     model_config: Any | None = None,
-    ceiling_seconds: float = 0.5,
+    ceiling_s: float = 0.5,
     ceiling_repeats: int = 2,
     ceiling_threads: int | None = None,
     ceiling_replicas: int | None = None,
@@ -504,7 +504,7 @@ def bench_model(
                 )
                 display.message(f"ceiling: {model_file.name} at batch sizes {sizes}")
                 ceiling_rows, ceiling_info = measure_model_ceiling(
-                    model_file, model_config, sizes, ceiling_seconds, ceiling_repeats, ceiling_threads, ceiling_replicas
+                    model_file, model_config, sizes, ceiling_s, ceiling_repeats, ceiling_threads, ceiling_replicas
                 )
         rows = sweep.run()
         attach_efficiency(rows, ceiling_rows, sweep.max_batch_size or 0, bool(sweep.batching))
@@ -782,7 +782,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ceiling=args.ceiling,
                 model_file=model_file,
                 model_config=model_config,
-                ceiling_seconds=args.ceiling_seconds,
+                ceiling_s=args.ceiling_seconds,
                 ceiling_repeats=args.ceiling_repeats,
                 ceiling_threads=args.ceiling_threads,
                 ceiling_replicas=args.ceiling_replicas,

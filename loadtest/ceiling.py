@@ -98,7 +98,7 @@ def measure_ceiling(
     seconds: float = 1.0,
     replicas: Sequence[int] = (1,),
     repeats: int = 3,
-    warmup_seconds: float = 0.2,
+    warmup_s: float = 0.2,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Throughput and latency of ONNX Runtime alone, per (threads, replicas, batch size).
@@ -119,7 +119,7 @@ def measure_ceiling(
                 feeds = make_inputs(sessions[0], batch, seed)
                 for session in sessions:  # first call pays shape-specific set-up
                     session.run(None, feeds)
-                _run_window(sessions, feeds, warmup_seconds)
+                _run_window(sessions, feeds, warmup_s)
                 throughputs, all_latencies, calls, wall = [], [], 0, 0.0
                 cpu_before, load_before = _stats.own_cpu_s(), _stats.load_average()
                 for _ in range(repeats):

@@ -18,29 +18,14 @@ from typing import Any
 
 from tensorwire.loadtest import report
 from tensorwire.loadtest.harness import TENSORWIRE, Context, Page
-from tensorwire.loadtest.perf_analyzer import PerfAnalyzerRun
+from tensorwire.loadtest.perf_analyzer import TIMING, PerfAnalyzerRun
 
 #: the server under test: tensorwire with its HTTP front-end open
 HTTP_SERVER = replace(TENSORWIRE, http=True, label="tensorwire (gRPC + HTTP)")
 MODELS = ("identity", "cnn")
 PROTOCOLS = ("grpc", "http")
-#: perf_analyzer windows (full, quick): the perf-analyzer scenario's
-TIMING = (
-    {"measurement_interval_ms": 3000, "stability_pct": 25, "retry_stability_pct": 100, "max_trials": 6},
-    {"measurement_interval_ms": 300, "stability_pct": 1000, "retry_stability_pct": 10000, "max_trials": 5},
-)
-COLUMNS = [
-    ("model", "model", "{}"),
-    ("concurrency", "concurrency", "{}"),
-    ("mode", "front-end", "{}"),
-    ("throughput_rps", "infer/s", "{:,.0f}"),
-    ("latency_p50_ms", "p50 ms", "{:.2f}"),
-    ("latency_p99_ms", "p99 ms", "{:.2f}"),
-    ("server_avg_batch", "server avg batch", "{:.2f}"),
-    ("server_cpu_us_per_request", "server µs/request", "{:,.0f}"),
-    ("server_cpu_cores", "server CPU (cores)", "{:.2f}"),
-    ("perf_analyzer_cpu_cores", "perf_analyzer CPU (cores)", "{:.2f}"),
-]
+#: the columns before the perf_analyzer ones (``report.PA_COLUMNS``)
+LEAD = [("model", "model", "{}"), ("concurrency", "concurrency", "{}"), ("mode", "front-end", "{}")]
 
 
 def measure(ctx: Context) -> dict[str, Any]:
@@ -92,15 +77,8 @@ def render(result: dict[str, Any], page: Page) -> str:
         "(process tree, psutil) ÷ throughput over the run; the same batcher and statistics serve both.",
         "",
     ]
-    table_rows = [
-        {**r, "mode": "gRPC" if r["mode"] == "unary" else "HTTP"} if "error" not in r else {**r, "mode": r["mode"]}
-        for r in result["rows"]
-    ]
-    columns = list(COLUMNS)
-    if any("error" in r for r in table_rows):
-        table_rows = [{**r, "note": r.get("error")} for r in table_rows]
-        columns.append(("note", "note", "{}"))
-    lines += report.markdown_table(table_rows, columns).splitlines()
+    table_rows = [{**r, "mode": "gRPC" if r["mode"] == "unary" else "HTTP"} for r in result["rows"]]
+    lines += report.pa_table(table_rows, LEAD)
     if result["ratios"]:
         lines += ["", "HTTP against gRPC, same server, same minutes:", ""]
         lines += [

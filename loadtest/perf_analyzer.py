@@ -36,6 +36,11 @@ from tensorwire.loadtest.launch import ServerProcess
 
 SCRIPT = Path(__file__).with_name("perf_analyzer.sh")
 UNSTABLE = "Failed to obtain stable measurement"
+#: the benchmark scenarios' windows (full, quick): ``PerfAnalyzerRun`` keyword arguments
+TIMING: tuple[dict[str, int], dict[str, int]] = (
+    {"measurement_interval_ms": 3000, "stability_pct": 25, "retry_stability_pct": 100, "max_trials": 6},
+    {"measurement_interval_ms": 300, "stability_pct": 1000, "retry_stability_pct": 10000, "max_trials": 5},
+)
 #: what the server's own statistics add to a row (queue and compute come from the CSV report)
 _COUNTS = ("server_requests", "server_inferences", "server_executions", "server_avg_batch")
 #: CSV columns (µs) -> row keys; absent when the server has no statistics extension

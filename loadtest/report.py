@@ -30,7 +30,9 @@ COLUMNS: list[tuple[str, str, str]] = [
 ]
 
 
-def fmt(value: Any, pattern: str) -> str:
+def fmt(value: Any, pattern: str = "{:,.0f}") -> str:
+    """``value`` as a table cell: "–" for None, yes/**no** for booleans, else ``pattern`` (``str`` if it does
+    not apply)."""
     if value is None:
         return "–"
     if isinstance(value, bool):
@@ -60,6 +62,46 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
     for row in rows:
         lines.append("| " + " | ".join(fmt(row.get(k), f) for k, _, f in columns) + " |")
     return "\n".join(lines)
+
+
+def outcome(flag: bool | None) -> str:
+    """A target's outcome in words: "met", "NOT met", or "not measured" (None)."""
+    return "not measured" if flag is None else ("met" if flag else "NOT met")
+
+
+def find_row(rows: Sequence[dict[str, Any]], **where: Any) -> dict[str, Any] | None:
+    """The first row matching every ``key=value`` of ``where`` that was measured (has no ``error``), or None."""
+    return next((r for r in rows if all(r.get(k) == v for k, v in where.items()) and "error" not in r), None)
+
+
+#: perf_analyzer rows (``tensorwire.loadtest.perf_analyzer.run``) as table columns, after a table's own lead ones
+PA_COLUMNS: list[tuple[str, str, str]] = [
+    ("throughput_rps", "infer/s", "{:,.0f}"),
+    ("latency_p50_ms", "p50 ms", "{:.2f}"),
+    ("latency_p99_ms", "p99 ms", "{:.2f}"),
+    ("server_avg_batch", "server avg batch", "{:.2f}"),
+    ("server_cpu_us_per_request", "server µs/request", "{:,.0f}"),
+    ("server_cpu_cores", "server CPU (cores)", "{:.2f}"),
+    ("perf_analyzer_cpu_cores", "perf_analyzer CPU (cores)", "{:.2f}"),
+]
+
+
+def pa_table(
+    rows: Sequence[dict[str, Any]], lead: Sequence[tuple[str, str, str]], extra: Sequence[tuple[str, str, str]] = ()
+) -> list[str]:
+    """perf_analyzer rows as markdown table lines: the ``lead`` columns, :data:`PA_COLUMNS`, the ``extra``
+    columns, and a note column where a level failed or needed a looser stability bound."""
+    notes = []
+    for r in rows:
+        if "error" in r:
+            notes.append({**r, "note": f"failed: {r['error']}"})
+        else:
+            retried = r.get("attempts", 1) > 1
+            notes.append({**r, "note": f"stable only within {r['stability_pct']} %" if retried else None})
+    columns = [*lead, *PA_COLUMNS, *extra]
+    if any(r["note"] for r in notes):
+        columns.append(("note", "note", "{}"))
+    return markdown_table(notes, columns).splitlines()
 
 
 def rich_table(rows: Sequence[dict[str, Any]], title: str | None = None):

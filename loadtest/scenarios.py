@@ -45,20 +45,14 @@ from tensorwire.loadtest.harness import (
     register,
 )
 from tensorwire.loadtest.locust_runner import locust_command, run_headless
+from tensorwire.loadtest.perf_analyzer import TIMING as PA_TIMING
 from tensorwire.loadtest.perf_analyzer import PerfAnalyzerRun
+from tensorwire.loadtest.report import find_row, fmt, outcome, pa_table
 
 __all__ = ["SCENARIOS"]
 
 NOTES = Path(__file__).with_name("benchmarks_notes.md")
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
-
-
-def _f(value: Any, pattern: str = "{:,.0f}") -> str:
-    return report.fmt(value, pattern)
-
-
-def _met(flag: bool | None) -> str:
-    return "not measured" if flag is None else ("met" if flag else "NOT met")
 
 
 def _size(size: int) -> str:
@@ -71,20 +65,10 @@ def _best(rows: list[dict[str, Any]], **where: Any) -> dict[str, Any] | None:
     return max(chosen, key=lambda r: r["samples_per_s"]) if chosen else None
 
 
-def _find(rows: list[dict[str, Any]], **where: Any) -> dict[str, Any] | None:
-    """The first row matching ``where`` that was measured (has no ``error``)."""
-    return next((r for r in rows if all(r.get(k) == v for k, v in where.items()) and "error" not in r), None)
-
-
 #: closed-loop timing: tensorwire bench's windows (full, quick)
 TIMING = (
     {"warmup_s": 1.5, "window_s": 1.5, "stable_windows": 3, "max_windows": 6, "stability_pct": 10.0},
     {"warmup_s": 0.1, "window_s": 0.2, "stable_windows": 1, "max_windows": 1, "stability_pct": 10.0},
-)
-#: perf_analyzer's windows (full, quick)
-PA_TIMING = (
-    {"measurement_interval_ms": 3000, "stability_pct": 25, "retry_stability_pct": 100, "max_trials": 6},
-    {"measurement_interval_ms": 300, "stability_pct": 1000, "retry_stability_pct": 10000, "max_trials": 5},
 )
 
 
@@ -168,7 +152,7 @@ def measure_closed_loop(ctx: Context) -> dict[str, Any]:
 
 
 def _closed_loop_level(levels: list[dict[str, Any]], model: str, series: str, concurrency: int) -> dict | None:
-    return _find(levels, model_group=model, series=series, concurrency=concurrency)
+    return find_row(levels, model_group=model, series=series, concurrency=concurrency)
 
 
 def render_closed_loop(result: dict[str, Any], page: Page) -> str:
@@ -223,7 +207,7 @@ def render_closed_loop(result: dict[str, Any], page: Page) -> str:
             cells.append(f"{a:,.0f} / {b:,.0f} ({a / b:.1f}×)" if b else f"{a:,.0f} / 0")
         on = _closed_loop_level(levels, model, "batching on", last)
         off = _closed_loop_level(levels, model, "batching off", last)
-        p99 = f"{_f(on and on['latency_p99_ms'], '{:.1f}')} / {_f(off and off['latency_p99_ms'], '{:.1f}')} ms"
+        p99 = f"{fmt(on and on['latency_p99_ms'], '{:.1f}')} / {fmt(off and off['latency_p99_ms'], '{:.1f}')} ms"
         lines.append(f"| `{model}` | " + " | ".join(cells) + f" | {p99} |")
     on = _closed_loop_level(levels, "wide_mlp", "batching on", 64)
     off = _closed_loop_level(levels, "wide_mlp", "batching off", 64)
@@ -261,7 +245,7 @@ def render_closed_loop(result: dict[str, Any], page: Page) -> str:
         by_size = {r["batch_size"]: r["samples_per_s"] for r in ceiling["rows"]}
         lines.append(
             f"| `{model}` | {ceiling['threads']} × {ceiling['replicas']} | "
-            + " | ".join(_f(by_size.get(b)) for b in sizes)
+            + " | ".join(fmt(by_size.get(b)) for b in sizes)
             + " |"
         )
     lines += [
@@ -352,8 +336,8 @@ def render_load_generators(result: dict[str, Any], page: Page) -> str:
             lines.append(f"| {r['generator']} | – | – | – | – | {r['error']} |")
             continue
         lines.append(
-            f"| {r['generator']} | {r['in_flight']} | {_f(r['throughput_rps'])} "
-            f"| {_f(r['latency_p50_ms'], '{:.2f}')} | {_f(r['latency_p99_ms'], '{:.2f}')} | {r['failures']} |"
+            f"| {r['generator']} | {r['in_flight']} | {fmt(r['throughput_rps'])} "
+            f"| {fmt(r['latency_p50_ms'], '{:.2f}')} | {fmt(r['latency_p99_ms'], '{:.2f}')} | {r['failures']} |"
         )
     lines += [
         "",
@@ -457,18 +441,18 @@ def render_serving_time(result: dict[str, Any], page: Page) -> str:
     """The CPU arithmetic, what held the GIL, and the hand-written notes (``benchmarks_notes.md``)."""
     level, cores, c = result["level"], result["cores"], result["concurrency"]
     text = (
-        f"identity at concurrency {c} (`tensorwire bench --mode async`): {_f(level['throughput_rps'])} req/s. "
-        f"CPU per request: server {_f(level['server_cpu_us_per_request'])} µs, client "
-        f"{_f(level['client_cpu_us_per_request'])} µs. The server's own accounting per request: queue "
-        f"{_f(level['server_queue_us'])} µs, compute {_f(level['server_compute_us'])} µs, whole request "
-        f"{_f(level['server_request_us'])} µs; average batch {_f(level['server_avg_batch'], '{:.1f}')}."
+        f"identity at concurrency {c} (`tensorwire bench --mode async`): {fmt(level['throughput_rps'])} req/s. "
+        f"CPU per request: server {fmt(level['server_cpu_us_per_request'])} µs, client "
+        f"{fmt(level['client_cpu_us_per_request'])} µs. The server's own accounting per request: queue "
+        f"{fmt(level['server_queue_us'])} µs, compute {fmt(level['server_compute_us'])} µs, whole request "
+        f"{fmt(level['server_request_us'])} µs; average batch {fmt(level['server_avg_batch'], '{:.1f}')}."
     )
     server_us, client_us = level["server_cpu_us_per_request"], level["client_cpu_us_per_request"]
     if server_us and client_us:
         text += (
             f" With no model compute at all, {cores} cores can serve at most about {cores} ÷ ({server_us:,.0f} "
             f"+ {client_us:,.0f}) µs ≈ {cores / (server_us + client_us) * 1e6:,.0f} req/s with client and "
-            f"server sharing the machine. The server itself used {_f(level['server_cpu_cores'], '{:.2f}')} "
+            f"server sharing the machine. The server itself used {fmt(level['server_cpu_cores'], '{:.2f}')} "
             "cores here: one event-loop thread holding the GIL plus gRPC's own threads, so moving the client "
             "elsewhere would not double it."
         )
@@ -478,7 +462,7 @@ def render_serving_time(result: dict[str, Any], page: Page) -> str:
         lines += [
             "",
             f"py-spy (`record --gil --nonblocking`, {PROFILE_RATE} Hz) on the server for {profile['seconds']} s "
-            f"while identity ran at concurrency {c} ({_f(profile.get('throughput_rps'))} req/s while sampled): a "
+            f"while identity ran at concurrency {c} ({fmt(profile.get('throughput_rps'))} req/s while sampled): a "
             f"thread held the GIL in **{profile['gil_busy']:.0%}** of the samples. What held it (the function on "
             "top of the stack, lines merged; `Handle._run` on top means C/Cython code called from an event-loop "
             "callback, which in this server is grpcio's asyncio binding):",
@@ -520,7 +504,7 @@ def measure_perf_analyzer(ctx: Context) -> dict[str, Any]:
     the targets computed from those numbers."""
     ctx.require_perf_analyzer()
     s = {**ctx.pick(*PA_TIMING), "concurrency": ctx.pick([1, 4, 16, 64], [1, 4])}
-    timing = {"seconds": ctx.pick(1.0, 0.1), "repeats": ctx.pick(2, 1), "warmup_seconds": ctx.pick(0.2, 0.05)}
+    timing = {"seconds": ctx.pick(1.0, 0.1), "repeats": ctx.pick(2, 1), "warmup_s": ctx.pick(0.2, 0.05)}
     repo = ctx.repo("perf-analyzer", ["identity", "cnn"])
     files = {m: latest_model_file(repo, m)[0] for m in ("identity", "cnn")}
     ctx.log("in-process ceilings: cnn at every batch size with 1 and 2 threads, identity at batch 1")
@@ -550,7 +534,7 @@ def _perf_analyzer_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     note = "" if top == 64 else f" (quick run: c={top}; the target is defined at c=64)"
     targets = []
     ceiling_2t = _best(in_process["ceiling"], threads=2)
-    cnn_top = _find(levels["cnn"], concurrency=top)
+    cnn_top = find_row(levels["cnn"], concurrency=top)
     value = 100 * cnn_top["throughput_rps"] / ceiling_2t["samples_per_s"] if ceiling_2t and cnn_top else None
     text = (
         f"CNN at c={top} = {value:.0f} % of the 2-thread ceiling ({cnn_top['throughput_rps']:,.0f} of "
@@ -566,7 +550,7 @@ def _perf_analyzer_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             "met": None if value is None else value >= TARGET_CEILING_PCT,
         }
     )
-    identity_top = _find(levels["identity"], concurrency=top)
+    identity_top = find_row(levels["identity"], concurrency=top)
     value = identity_top["throughput_rps"] if identity_top else None
     text = f"identity at c={top} = {value:,.0f} req/s" if value is not None else f"identity at c={top}: not measured"
     targets.append(
@@ -578,7 +562,7 @@ def _perf_analyzer_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         }
     )
     for model, rows in (("identity", in_process["identity"]), ("cnn", in_process["ceiling"])):
-        best, c1 = _best(rows, batch_size=1), _find(levels[model], concurrency=1)
+        best, c1 = _best(rows, batch_size=1), find_row(levels[model], concurrency=1)
         in_ms = 1e3 / best["batches_per_s"] if best else None
         limit = None if in_ms is None else in_ms + LATENCY_ALLOWANCE_MS
         p50 = c1["latency_p50_ms"] if c1 else None
@@ -603,34 +587,6 @@ def _perf_analyzer_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     return targets
 
 
-#: perf_analyzer rows as table columns (see :func:`_pa_table`)
-PA_COLUMNS = [
-    ("throughput_rps", "infer/s", "{:,.0f}"),
-    ("latency_p50_ms", "p50 ms", "{:.2f}"),
-    ("latency_p99_ms", "p99 ms", "{:.2f}"),
-    ("server_avg_batch", "server avg batch", "{:.2f}"),
-    ("server_cpu_us_per_request", "server µs/request", "{:,.0f}"),
-    ("server_cpu_cores", "server CPU (cores)", "{:.2f}"),
-    ("perf_analyzer_cpu_cores", "perf_analyzer CPU (cores)", "{:.2f}"),
-]
-
-
-def _pa_table(rows: list[dict[str, Any]], lead: list[tuple[str, str, str]], extra: list | None = None) -> list[str]:
-    """perf_analyzer rows as a markdown table: the ``lead`` columns, :data:`PA_COLUMNS`, ``extra`` columns, and
-    a note where a level failed or needed a looser stability bound."""
-    notes = []
-    for r in rows:
-        if "error" in r:
-            notes.append({**r, "note": f"failed: {r['error']}"})
-        else:
-            retried = r.get("attempts", 1) > 1
-            notes.append({**r, "note": f"stable only within {r['stability_pct']} %" if retried else None})
-    columns = [*lead, *PA_COLUMNS, *(extra or [])]
-    if any(r["note"] for r in notes):
-        columns.append(("note", "note", "{}"))
-    return report.markdown_table(notes, columns).splitlines()
-
-
 def _ceiling_table(rows: list[dict[str, Any]]) -> list[str]:
     threads = sorted({r["threads"] for r in rows})
     head = "| batch | " + " | ".join(f"{t} thread{'s' if t > 1 else ''}: samples/s | p50 ms" for t in threads) + " |"
@@ -639,7 +595,7 @@ def _ceiling_table(rows: list[dict[str, Any]]) -> list[str]:
         cells = []
         for t in threads:
             r = next((x for x in rows if x["threads"] == t and x["batch_size"] == batch), None)
-            cells += [_f(r and r["samples_per_s"]), _f(r and r["latency_ms_p50"], "{:.3f}")]
+            cells += [fmt(r and r["samples_per_s"]), fmt(r and r["latency_ms_p50"], "{:.3f}")]
         lines.append(f"| {batch} | " + " | ".join(cells) + " |")
     return lines
 
@@ -651,7 +607,7 @@ def render_perf_analyzer(result: dict[str, Any], page: Page) -> str:
         lines += [
             f"### {model} ({_size(result['file_bytes'][model])} model file)",
             "",
-            *_pa_table(result["levels"][model], [("concurrency", "concurrency", "{}")]),
+            *pa_table(result["levels"][model], [("concurrency", "concurrency", "{}")]),
             "",
         ]
     timing = result["in_process"]["timing"]
@@ -671,7 +627,7 @@ def render_perf_analyzer(result: dict[str, Any], page: Page) -> str:
         "### Targets",
         "",
     ]
-    lines += [f"- {t['text']}: **{_met(t['met'])}**" for t in result["targets"]]
+    lines += [f"- {t['text']}: **{outcome(t['met'])}**" for t in result["targets"]]
     return "\n".join(lines)
 
 
@@ -729,7 +685,7 @@ def _baseline_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         targets.append(
             {
                 "name": name,
-                "text": f"{text}: {_f(value, '{:.2f}')}× (target ≥ {target}×){note}",
+                "text": f"{text}: {fmt(value, '{:.2f}')}× (target ≥ {target}×){note}",
                 "value": value,
                 "met": None if value is None else value >= target,
             }
@@ -738,38 +694,38 @@ def _baseline_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     ratio(
         "identity_unary_vs_bare",
         f"identity c={top} unary, tensorwire ÷ bare",
-        _find(rows, server=ours, model="identity", concurrency=top, mode="unary"),
-        _find(rows, server=bare, model="identity", concurrency=top, mode="unary"),
+        find_row(rows, server=ours, model="identity", concurrency=top, mode="unary"),
+        find_row(rows, server=bare, model="identity", concurrency=top, mode="unary"),
         1.0,
     )
     ratio(
         "identity_stream_vs_bare_unary",
         f"identity c={top}, tensorwire stream ÷ bare unary",
-        _find(rows, server=ours, model="identity", concurrency=top, mode="stream"),
-        _find(rows, server=bare, model="identity", concurrency=top, mode="unary"),
+        find_row(rows, server=ours, model="identity", concurrency=top, mode="stream"),
+        find_row(rows, server=bare, model="identity", concurrency=top, mode="unary"),
         1.8,
     )
     for mode, target in (("unary", 55.0), ("stream", 65.0)):
-        row = _find(rows, server=ours, model="cnn", concurrency=top, mode=mode)
+        row = find_row(rows, server=ours, model="cnn", concurrency=top, mode=mode)
         value = 100 * row["throughput_rps"] / best["samples_per_s"] if row and best else None
         targets.append(
             {
                 "name": f"cnn_{mode}_vs_ceiling",
                 "value": value,
-                "text": f"CNN c={top} {mode}: {_f(value)} % of the {result['settings']['ceiling_threads']}-"
+                "text": f"CNN c={top} {mode}: {fmt(value)} % of the {result['settings']['ceiling_threads']}-"
                 f"thread ceiling (target ≥ {target:.0f} %){note}",
                 "met": None if value is None else value >= target,
             }
         )
     for model in BASELINE_MODELS:
-        a = _find(rows, server=ours, model=model, concurrency=1, mode="unary")
-        b = _find(rows, server=bare, model=model, concurrency=1, mode="unary")
+        a = find_row(rows, server=ours, model=model, concurrency=1, mode="unary")
+        b = find_row(rows, server=bare, model=model, concurrency=1, mode="unary")
         value = a["latency_p50_ms"] - b["latency_p50_ms"] if a and b else None
         targets.append(
             {
                 "name": f"{model}_c1_p50",
                 "value": value,
-                "text": f"{model} c=1 unary p50: tensorwire − bare = {_f(value, '{:+.2f}')} ms (target ≤ 0.1 ms)",
+                "text": f"{model} c=1 unary p50: tensorwire − bare = {fmt(value, '{:+.2f}')} ms (target ≤ 0.1 ms)",
                 "met": None if value is None else value <= 0.1,
             }
         )
@@ -793,7 +749,7 @@ def render_bare_baseline(result: dict[str, Any], page: Page) -> str:
     ]
     rows = []
     for r in result["rows"]:
-        base = _find(result["rows"], server=BARE.label, model=r["model"], concurrency=r["concurrency"], mode="unary")
+        base = find_row(result["rows"], server=BARE.label, model=r["model"], concurrency=r["concurrency"], mode="unary")
         share = r["throughput_rps"] / base["throughput_rps"] if base and "error" not in r else None
         rows.append({**r, "vs_bare": share})
     lead = [
@@ -802,7 +758,7 @@ def render_bare_baseline(result: dict[str, Any], page: Page) -> str:
         ("mode", "mode", "{}"),
         ("server", "server", "{}"),
     ]
-    lines += _pa_table(rows, lead, [("vs_bare", "÷ bare unary", "{:.2f}×")])
+    lines += pa_table(rows, lead, [("vs_bare", "÷ bare unary", "{:.2f}×")])
     if best:
         lines += [
             "",
@@ -810,7 +766,7 @@ def render_bare_baseline(result: dict[str, Any], page: Page) -> str:
             f"before the servers started: {best['samples_per_s']:,.0f} samples/s (best at batch "
             f"{best['batch_size']}).",
         ]
-    lines += ["", "Targets:", ""] + [f"- {t['text']}: **{_met(t['met'])}**" for t in result["targets"]]
+    lines += ["", "Targets:", ""] + [f"- {t['text']}: **{outcome(t['met'])}**" for t in result["targets"]]
     return "\n".join(lines)
 
 
@@ -846,7 +802,7 @@ def render_many_connections(result: dict[str, Any], page: Page) -> str:
         "theirs, p99 the largest. Same perf_analyzer settings as above.",
         "",
     ]
-    return "\n".join([*lines, *_pa_table(result["rows"], [("server", "server", "{}")])])
+    return "\n".join([*lines, *pa_table(result["rows"], [("server", "server", "{}")])])
 
 
 # =========================================================================== int8-served
@@ -869,7 +825,7 @@ def measure_int8_served(ctx: Context) -> dict[str, Any]:
     files = {m: latest_model_file(repo, m)[0] for m in models}
     x = sample_inputs("cnn", 256, 2)  # fresh samples: neither the perf inputs (seed 0) nor the calibration (1)
     a, b = (make_session(files[m], 1).run(None, {"INPUT0": x})[0] for m in models)
-    timing = {"seconds": ctx.pick(1.0, 0.1), "repeats": ctx.pick(2, 1), "warmup_seconds": ctx.pick(0.2, 0.05)}
+    timing = {"seconds": ctx.pick(1.0, 0.1), "repeats": ctx.pick(2, 1), "warmup_s": ctx.pick(0.2, 0.05)}
     ctx.log(f"in-process: cnn and {CNN_INT8} at batch {INT8_BATCHES}, 1 thread")
     in_process = [row for m in models for row in measure_ceiling(files[m], INT8_BATCHES, (1,), **timing)]
     with ctx.server(repo, models=models) as server:
@@ -881,7 +837,7 @@ def measure_int8_served(ctx: Context) -> dict[str, Any]:
         "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean()),
         "file_bytes": {m: f.stat().st_size for m, f in files.items()},
     }
-    fp32, int8 = (_find(served, model=m) for m in models)
+    fp32, int8 = (find_row(served, model=m) for m in models)
     by = {(r["model"], r["batch_size"]): r["samples_per_s"] for r in in_process}
     ratios = [
         (
@@ -929,10 +885,10 @@ def render_int8_served(result: dict[str, Any], page: Page) -> str:
         for r in result["served"]
     ]
     extra = [(f"b{n}", f"in-process b{n} samples/s (1 thread)", "{:,.0f}") for n in INT8_BATCHES]
-    lines += _pa_table(rows, [("model", "model", "{}"), ("file", "file", "{}")], extra)
+    lines += pa_table(rows, [("model", "model", "{}"), ("file", "file", "{}")], extra)
     lines += ["", "INT8 / FP32:", ""]
     lines += [
-        f"- {r['text']}: {_f(r['ratio'], '{:.2f}')}× (target ≥ {r['target']}×): **{_met(r['met'])}**"
+        f"- {r['text']}: {fmt(r['ratio'], '{:.2f}')}× (target ≥ {r['target']}×): **{outcome(r['met'])}**"
         for r in result["ratios"]
     ]
     return "\n".join(lines)

@@ -72,7 +72,7 @@ def raw_caller(channel: grpc.Channel, model: str, inputs: dict[str, np.ndarray])
     return call
 
 
-def per_call_seconds(call: Callable[[], object], calls: int) -> float:
+def per_call_s(call: Callable[[], object], calls: int) -> float:
     started = time.perf_counter()
     for _ in range(calls):
         call()
@@ -94,11 +94,11 @@ def overhead(address: str, model: str, inputs: dict[str, np.ndarray], calls: int
         for index in range(rounds):
             # Alternate which goes first, so neither always follows the other.
             if index % 2:
-                sdk_rounds.append(per_call_seconds(sdk, calls))
-                raw_rounds.append(per_call_seconds(raw, calls))
+                sdk_rounds.append(per_call_s(sdk, calls))
+                raw_rounds.append(per_call_s(raw, calls))
             else:
-                raw_rounds.append(per_call_seconds(raw, calls))
-                sdk_rounds.append(per_call_seconds(sdk, calls))
+                raw_rounds.append(per_call_s(raw, calls))
+                sdk_rounds.append(per_call_s(sdk, calls))
     # Each round's SDK time over the raw time measured right next to it: drift cancels.
     ratios = [s / r for s, r in zip(sdk_rounds, raw_rounds, strict=True)]
     return {

@@ -13,7 +13,7 @@ Server CPU per request is the whole process tree's (psutil: the engine process a
 measurement. The per-request cost of the IPC hop is read at concurrency 1, where nothing else differs: the
 p50 latency and the server CPU per request of ``--workers 2`` minus those of ``--workers 1``.
 
-Targets (issue 10): ``--workers 2`` ≥ 1.3× ``--workers 1`` on identity with four perf_analyzers at c=16,
+Targets: ``--workers 2`` ≥ 1.3× ``--workers 1`` on identity with four perf_analyzers at c=16,
 and never slower than ``--workers 1`` on the CNN with one perf_analyzer.
 """
 
@@ -26,6 +26,7 @@ from typing import Any
 from tensorwire.loadtest import report
 from tensorwire.loadtest.harness import TENSORWIRE, Context, Page, ServerSpec
 from tensorwire.loadtest.perf_analyzer import PerfAnalyzerRun
+from tensorwire.loadtest.report import find_row, fmt, outcome
 
 ONE = TENSORWIRE.with_args("--workers", "1")
 TWO = TENSORWIRE.with_args("--workers", "2")
@@ -106,10 +107,6 @@ def medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _row(rows: list[dict[str, Any]], **where: Any) -> dict[str, Any] | None:
-    return next((r for r in rows if all(r.get(k) == v for k, v in where.items()) and "error" not in r), None)
-
-
 def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
     if not a or not b or not b.get("throughput_rps"):
         return None
@@ -117,20 +114,18 @@ def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
 
 
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's two targets, as ratios of medians: many connections on identity, one client on the CNN."""
+    """The two targets, as ratios of medians: many connections on identity, one client on the CNN."""
     found = []
     many = [(c, p) for c, p in {(r["concurrency"], r["processes"]) for r in rows} if p > 1]
     for concurrency, processes in many:
         for mode in MODES:
-            value = _ratio(
-                _row(rows, model="identity", concurrency=concurrency, processes=processes, mode=mode, server=TWO.label),
-                _row(rows, model="identity", concurrency=concurrency, processes=processes, mode=mode, server=ONE.label),
-            )
+            level = {"model": "identity", "concurrency": concurrency, "processes": processes, "mode": mode}
+            value = _ratio(find_row(rows, **level, server=TWO.label), find_row(rows, **level, server=ONE.label))
             found.append(
                 {
                     "name": f"identity_{processes}x{concurrency}_{mode}",
                     "text": f"identity, {processes} perf_analyzers × c={concurrency}, {mode}: --workers 2 ÷ "
-                    f"--workers 1 = {_f(value, '{:.2f}')}× (target ≥ {TARGET_MANY_CONNECTIONS}×)",
+                    f"--workers 1 = {fmt(value, '{:.2f}')}× (target ≥ {TARGET_MANY_CONNECTIONS}×)",
                     "value": value,
                     "met": None if value is None else value >= TARGET_MANY_CONNECTIONS,
                 }
@@ -138,14 +133,14 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for concurrency in sorted({r["concurrency"] for r in rows if r["processes"] == 1}):
         for mode in MODES:
             value = _ratio(
-                _row(rows, model="cnn", concurrency=concurrency, processes=1, mode=mode, server=TWO.label),
-                _row(rows, model="cnn", concurrency=concurrency, processes=1, mode=mode, server=ONE.label),
+                find_row(rows, model="cnn", concurrency=concurrency, processes=1, mode=mode, server=TWO.label),
+                find_row(rows, model="cnn", concurrency=concurrency, processes=1, mode=mode, server=ONE.label),
             )
             found.append(
                 {
                     "name": f"cnn_1x{concurrency}_{mode}",
                     "text": f"CNN, one perf_analyzer, c={concurrency}, {mode}: --workers 2 ÷ --workers 1 = "
-                    f"{_f(value, '{:.2f}')}× (target ≥ {TARGET_ONE_CLIENT_CNN}×: never slower)",
+                    f"{fmt(value, '{:.2f}')}× (target ≥ {TARGET_ONE_CLIENT_CNN}×: never slower)",
                     "value": value,
                     "met": None if value is None else value >= TARGET_ONE_CLIENT_CNN,
                 }
@@ -158,8 +153,8 @@ def ipc_cost(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     found = []
     for model in MODELS:
         for mode in MODES:
-            one = _row(rows, model=model, concurrency=1, processes=1, mode=mode, server=ONE.label)
-            two = _row(rows, model=model, concurrency=1, processes=1, mode=mode, server=TWO.label)
+            one = find_row(rows, model=model, concurrency=1, processes=1, mode=mode, server=ONE.label)
+            two = find_row(rows, model=model, concurrency=1, processes=1, mode=mode, server=TWO.label)
             if not one or not two:
                 continue
 
@@ -197,7 +192,7 @@ def render(result: dict[str, Any], page: Page) -> str:
     s = result["settings"]
     rows = []
     for r in result["rows"]:
-        base = _row(
+        base = find_row(
             result["rows"],
             model=r["model"],
             concurrency=r["concurrency"],
@@ -225,16 +220,8 @@ def render(result: dict[str, Any], page: Page) -> str:
     ]
     for cost in result["ipc"]:
         lines.append(
-            f"- {cost['model']}, {cost['mode']}: p50 {_f(cost['latency_p50_ms'], '{:+.3f}')} ms, server CPU "
-            f"{_f(cost['server_cpu_us_per_request'], '{:+,.0f}')} µs per request"
+            f"- {cost['model']}, {cost['mode']}: p50 {fmt(cost['latency_p50_ms'], '{:+.3f}')} ms, server CPU "
+            f"{fmt(cost['server_cpu_us_per_request'], '{:+,.0f}')} µs per request"
         )
-    lines += ["", "Targets:", ""] + [f"- {t['text']}: **{_met(t['met'])}**" for t in result["targets"]]
+    lines += ["", "Targets:", ""] + [f"- {t['text']}: **{outcome(t['met'])}**" for t in result["targets"]]
     return "\n".join(lines)
-
-
-def _f(value: Any, pattern: str = "{:,.0f}") -> str:
-    return "–" if value is None else pattern.format(value)
-
-
-def _met(flag: bool | None) -> str:
-    return "not measured" if flag is None else ("met" if flag else "missed")

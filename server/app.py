@@ -9,9 +9,9 @@ processes in front of one engine process (``tensorwire.server.workers``).
 Health: see ``listeners``; the app refreshes the statuses every second and after each load or unload.
 
 Shutdown: on SIGTERM/SIGINT, at any moment (the start-up load included), readiness flips to NOT_SERVING
-first and no model is loaded any more; the server keeps serving for ``drain_seconds`` so load balancers
+first and no model is loaded any more; the server keeps serving for ``drain_s`` so load balancers
 notice; then new inference is refused with UNAVAILABLE, everything accepted is finished (up to
-``grace_seconds``, a hung model included: its replicas are abandoned), and the process exits 0. Loads
+``grace_s``, a hung model included: its replicas are abandoned), and the process exits 0. Loads
 still running in their threads are abandoned too; nothing keeps the process past the grace period.
 
 Memory: inference calls in flight are charged against one server-wide budget
@@ -50,7 +50,7 @@ class InferenceServer:
         #: The largest message either way: the configured limit, but never more than the budget holds.
         self.max_message_bytes = min(settings.max_message_bytes, self.budget.limit)
         self.manager = ModelManager(
-            settings.repo, self.metrics, settings.grace_seconds, strict_readiness=settings.strict_readiness
+            settings.repo, self.metrics, settings.grace_s, strict_readiness=settings.strict_readiness
         )
         self.engine = LocalEngine(self.manager)
         self.dataplane = DataPlane(self.engine, self.budget, on_repository_change=self._sync_health)
@@ -103,8 +103,8 @@ class InferenceServer:
         if not self._stopping.is_set():
             self.dataplane.started = True
             self._sync_health()
-            if self.settings.poll_seconds:
-                self._tasks.append(loop.create_task(self.manager.poll(self.settings.poll_seconds)))
+            if self.settings.poll_s:
+                self._tasks.append(loop.create_task(self.manager.poll(self.settings.poll_s)))
             log.info("event=ready models=%s", [f"{n}:{v}:{s}" for n, v, s, _ in self.manager.index()])
             self.manager.warn_not_ready()
             await stopping
@@ -118,14 +118,14 @@ class InferenceServer:
         """Drain window, then finish accepted work within the grace period, then stop gRPC."""
         s = self.settings
         loop = asyncio.get_running_loop()
-        log.info("event=draining drain_seconds=%.1f grace_seconds=%.1f", s.drain_seconds, s.grace_seconds)
+        log.info("event=draining drain_s=%.1f grace_s=%.1f", s.drain_s, s.grace_s)
         self.dataplane.draining = True
         self.manager.draining = True  # from now on nothing is loaded; loads in flight roll back
         self._sync_health()
-        await asyncio.sleep(s.drain_seconds)  # still serving: let load balancers see NOT_SERVING
+        await asyncio.sleep(s.drain_s)  # still serving: let load balancers see NOT_SERVING
         for task in self._tasks:
             task.cancel()
-        deadline = loop.time() + s.grace_seconds
-        await self.manager.drain_all(s.grace_seconds)
+        deadline = loop.time() + s.grace_s
+        await self.manager.drain_all(s.grace_s)
         await self.listeners.stop(min(1.0, deadline - loop.time()))
         log.info("event=stopped")

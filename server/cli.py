@@ -159,9 +159,9 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         auth_token=token,
-        drain_seconds=args.drain_seconds,
-        grace_seconds=args.grace_seconds,
-        poll_seconds=args.poll,
+        drain_s=args.drain_seconds,
+        grace_s=args.grace_seconds,
+        poll_s=args.poll,
         strict_readiness=args.strict_readiness,
         workers=workers,
     )

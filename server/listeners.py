@@ -55,9 +55,9 @@ class ServerSettings:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: clients must present a certificate it signed (mutual TLS)
     auth_token: str | None = None
-    drain_seconds: float = 2.0
-    grace_seconds: float = 30.0
-    poll_seconds: float = 0.0  # 0: explicit model control only
+    drain_s: float = 2.0
+    grace_s: float = 30.0
+    poll_s: float = 0.0  # 0: explicit model control only
     strict_readiness: bool = True  # ServerReady needs every model READY (Triton's default)
     workers: int = 1  # front-end processes; 1: one process holds front-ends and engine
 

@@ -290,13 +290,18 @@ class RemoteEngine:
         if not self.gone:
             self.connection.send([ipc.CANCEL, rid])
 
-    def _answer(self, header: list, frames: list) -> None:
-        entry = self._pending.pop(header[1], None)
+    def _waiting(self, rid: int) -> asyncio.Future | None:
+        """The still-waiting future of request ``rid``, now answered here (None if cancelled or done)."""
+        entry = self._pending.pop(rid, None)
         if entry is None:
-            return
+            return None
         future, request = entry
         del self._rids[request]
-        if not future.done():
+        return None if future.done() else future
+
+    def _answer(self, header: list, frames: list) -> None:
+        future = self._waiting(header[1])
+        if future is not None:
             tensors = zip(header[2], frames, strict=True)
             # A large output arrives as a view of its message's buffer; the front-ends' encoders want bytes.
             future.set_result(
@@ -307,12 +312,8 @@ class RemoteEngine:
             )
 
     def _failed(self, header: list, frames: list) -> None:
-        entry = self._pending.pop(header[1], None)
-        if entry is None:
-            return
-        future, request = entry
-        del self._rids[request]
-        if not future.done():
+        future = self._waiting(header[1])
+        if future is not None:
             future.set_exception(ipc.error_from(header[2]))
 
     # ------------------------------------------------------ outcomes, refusals

@@ -188,9 +188,9 @@ class VersionCounters:
     failures: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     in_flight: int = 0  # requests between begin() and their success or failure
     pending: int = 0  # requests queued in a batcher, not yet running
-    request_seconds: Buckets = field(default_factory=lambda: Buckets(_LATENCY_BUCKETS))
-    queue_seconds: Buckets = field(default_factory=lambda: Buckets(_LATENCY_BUCKETS))
-    compute_seconds: Buckets = field(default_factory=lambda: Buckets(_LATENCY_BUCKETS))
+    request_duration_s: Buckets = field(default_factory=lambda: Buckets(_LATENCY_BUCKETS))
+    queue_duration_s: Buckets = field(default_factory=lambda: Buckets(_LATENCY_BUCKETS))
+    compute_duration_s: Buckets = field(default_factory=lambda: Buckets(_LATENCY_BUCKETS))
     batch_rows: Buckets = field(default_factory=lambda: Buckets(_BATCH_BUCKETS))
     busy_ns: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))  # (device, replica)
     pads: bool = False  # the model pads variable dimensions: the padding series below are exported
@@ -281,9 +281,9 @@ class VersionCollector(Collector):
             f["tensorwire_execution_count"].add_metric(key, c.execution_count)
             f["tensorwire_pending_requests"].add_metric(key, c.pending)
             for name, buckets in (
-                ("tensorwire_request_duration_seconds", c.request_seconds),
-                ("tensorwire_queue_duration_seconds", c.queue_seconds),
-                ("tensorwire_compute_duration_seconds", c.compute_seconds),
+                ("tensorwire_request_duration_seconds", c.request_duration_s),
+                ("tensorwire_queue_duration_seconds", c.queue_duration_s),
+                ("tensorwire_compute_duration_seconds", c.compute_duration_s),
                 ("tensorwire_batch_size", c.batch_rows),
             ):
                 f[name].add_metric(key, buckets.cumulative(), buckets.total)
@@ -424,13 +424,13 @@ class ModelVersionStats:
         batch.compute_output.count += 1
         batch.compute_output.ns += output_ns
         c.flush_reasons[reason] += 1
-        c.compute_seconds.observe(compute_ns / 1e9)
+        c.compute_duration_s.observe(compute_ns / 1e9)
         c.batch_rows.observe(rows)
         c.busy_ns[replica] += compute_ns
         n = len(succeeded)
         if not n:
             return
-        queue = c.queue_seconds
+        queue = c.queue_duration_s
         bounds, counts = queue.bounds, queue.counts
         queue_ns = inferences = 0
         for request_rows, waited_ns in succeeded:
@@ -468,7 +468,7 @@ class ModelVersionStats:
         c.success.count += 1
         c.success.ns += ns
         c.last_inference_ms = int(time.time() * 1000)
-        c.request_seconds.observe(ns / 1e9)
+        c.request_duration_s.observe(ns / 1e9)
 
     def record_failure(self, ns: int, reason: str) -> None:
         """The request failed ``ns`` nanoseconds after it arrived; ``reason`` is a ``REASONS`` key."""

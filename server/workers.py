@@ -26,8 +26,8 @@ Failures, decided here:
   server's.
 
 Shutdown (SIGTERM/SIGINT to this process): readiness turns NOT_SERVING on every front-end at once, the
-server keeps serving for ``drain_seconds``, then the batchers refuse new work and finish what they
-accepted (up to ``grace_seconds``), then each front-end closes its ports once the answers are written, and
+server keeps serving for ``drain_s``, then the batchers refuse new work and finish what they
+accepted (up to ``grace_s``), then each front-end closes its ports once the answers are written, and
 the process exits 0.
 
 Memory budget: one budget for the server, shared by the front-ends through a small shared-memory file of
@@ -166,7 +166,7 @@ class MultiProcessServer:
         )
         self.metrics.registry.register(FrontendCollector(self))
         self.manager = ModelManager(
-            settings.repo, self.metrics, settings.grace_seconds, strict_readiness=settings.strict_readiness
+            settings.repo, self.metrics, settings.grace_s, strict_readiness=settings.strict_readiness
         )
         self.frontends = [Frontend(index) for index in range(settings.workers)]
         self.service: EngineService | None = None
@@ -342,8 +342,8 @@ class MultiProcessServer:
         if not self._stopping.is_set():
             self.service.started = True
             self.service.publish()
-            if s.poll_seconds:
-                self._tasks.append(loop.create_task(self.manager.poll(s.poll_seconds)))
+            if s.poll_s:
+                self._tasks.append(loop.create_task(self.manager.poll(s.poll_s)))
             log.info("event=ready models=%s", [f"{n}:{v}:{st}" for n, v, st, _ in self.manager.index()])
             self.manager.warn_not_ready()
             await stopping
@@ -368,13 +368,13 @@ class MultiProcessServer:
         loop = asyncio.get_running_loop()
         assert self.service is not None
         self._shutting_down = True
-        log.info("event=draining drain_seconds=%.1f grace_seconds=%.1f", s.drain_seconds, s.grace_seconds)
+        log.info("event=draining drain_s=%.1f grace_s=%.1f", s.drain_s, s.grace_s)
         self.service.draining = True
         self.manager.draining = True  # from now on nothing is loaded; loads in flight roll back
         await self.service.publish_acknowledged()
-        await asyncio.sleep(s.drain_seconds)  # still serving: let load balancers see NOT_SERVING
-        deadline = loop.time() + s.grace_seconds
-        await self.manager.drain_all(s.grace_seconds)
+        await asyncio.sleep(s.drain_s)  # still serving: let load balancers see NOT_SERVING
+        deadline = loop.time() + s.grace_s
+        await self.manager.drain_all(s.grace_s)
         await self._stop_frontends(min(1.0, deadline - loop.time()))
         for task in self._tasks:
             task.cancel()

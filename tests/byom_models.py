@@ -94,6 +94,34 @@ def densenet_like(path: Path, channels: int = 3, size: int = 8, classes: int = 1
     return save_onnx(graph, path), weights
 
 
+def densenet_pbtxt(channels: int = 3, size: int = 8, classes: int = 10) -> str:
+    """The ``config.pbtxt`` of Triton quickstart's densenet_onnx (there: 3, 224, 1000), for :func:`densenet_like`'s
+    shapes: a fixed batch of 1 through ``reshape``, a ``format`` and a ``label_filename`` tensorwire ignores."""
+    return f"""\
+name: "densenet_onnx"
+platform: "onnxruntime_onnx"
+max_batch_size : 0
+input [
+  {{
+    name: "data_0"
+    data_type: TYPE_FP32
+    format: FORMAT_NCHW
+    dims: [ {channels}, {size}, {size} ]
+    reshape {{ shape: [ 1, {channels}, {size}, {size} ] }}
+  }}
+]
+output [
+  {{
+    name: "fc6_1"
+    data_type: TYPE_FP32
+    dims: [ {classes} ]
+    reshape {{ shape: [ 1, {classes}, 1, 1 ] }}
+    label_filename: "densenet_labels.txt"
+  }}
+]
+"""
+
+
 def add_sub(path: Path, datatype: int = TensorProto.INT32, dims: int = 16) -> Path:
     """Triton's ``simple`` example as ONNX: ``OUTPUT0 = INPUT0 + INPUT1``, ``OUTPUT1 = INPUT0 - INPUT1``,
     every tensor ``[batch, 16]``."""

@@ -127,14 +127,14 @@ import time
 import numpy as np
 
 LOG = {log!r}
-INIT_SECONDS = {init_seconds!r}
+INIT_S = {init_s!r}
 
 
 class Model:
     """Echoes ID; sleeps max(SLEEP_MS) per execution; logs every executed ID; raises on ID 13."""
 
     def __init__(self):
-        time.sleep(INIT_SECONDS)
+        time.sleep(INIT_S)
 
     def execute(self, inputs):
         ids = inputs["ID"][:, 0].tolist()
@@ -151,7 +151,7 @@ def sleeper_model(
     repo: Path,
     name: str = "sleeper",
     log: Path | None = None,
-    init_seconds: float = 0.0,
+    init_s: float = 0.0,
     max_batch_size: int = 8,
     **config: Any,
 ) -> Path:
@@ -163,7 +163,7 @@ def sleeper_model(
     python_model(
         repo,
         name,
-        SLEEPER_SOURCE.format(log=str(log), init_seconds=init_seconds),
+        SLEEPER_SOURCE.format(log=str(log), init_s=init_s),
         {
             "max_batch_size": max_batch_size,
             "inputs": [

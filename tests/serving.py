@@ -30,6 +30,7 @@ __all__ = [
     "free_port",
     "pending_requests",
     "running_server",
+    "scrape",
     "server_args",
     "wait_pending",
 ]
@@ -68,15 +69,23 @@ def server_args(args: tuple[str, ...] | list[str]) -> list[str]:
     return list(args)
 
 
-def pending_requests(server: RunningServer, model: str) -> float:
-    """Requests for ``model`` queued and not yet running (the ``tensorwire_pending_requests`` gauge)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
+def scrape(server: RunningServer) -> dict[tuple[str, tuple], float]:
+    """Every sample of the server's Prometheus endpoint, keyed by (sample name, sorted label items)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as response:
         text = response.read().decode()
-    return sum(
-        s.value
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
-        if s.name == "tensorwire_pending_requests" and s.labels.get("model") == model
+    }
+
+
+def pending_requests(server: RunningServer, model: str) -> float:
+    """Requests for ``model`` queued and not yet running (the ``tensorwire_pending_requests`` gauge)."""
+    return sum(
+        value
+        for (name, labels), value in scrape(server).items()
+        if name == "tensorwire_pending_requests" and ("model", model) in labels
     )
 
 

@@ -13,9 +13,7 @@ pytestmark = pytest.mark.slow
 def test_quick_run_builds_every_variant_and_writes_one_section(tmp_path):
     from tensorwire.trainer.bench_compression import compression_section
 
-    section = compression_section(
-        quick=True, family_keys=["cnn"], seconds=0.1, served_seconds=0.6, aoti=False, work=tmp_path
-    )
+    section = compression_section(quick=True, family_keys=["cnn"], seconds=0.1, served_s=0.6, aoti=False, work=tmp_path)
     assert section.startswith("## Compression: what each technique buys")
     rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
     labels = [row.split("|")[1].strip() for row in rows]

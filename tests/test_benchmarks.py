@@ -17,7 +17,7 @@ import pytest
 from tensorwire.loadtest import benchmarks
 from tensorwire.loadtest.harness import Context, Skipped, command_scenario
 from tensorwire.loadtest.reference_models import build_identity
-from tensorwire.loadtest.scenarios import SCENARIOS
+from tensorwire.loadtest.scenarios import MANY_CONNECTIONS_SERVERS, SCENARIOS
 
 pytestmark = pytest.mark.slow
 
@@ -124,7 +124,8 @@ def test_bare_baseline_measures_both_servers_the_same_way(run, perf_analyzer):
 def test_many_connections_adds_up_several_processes(run, perf_analyzer):
     r = result(run, "many-connections")
     assert (r["processes"], r["concurrency"]) == (2, 2)
-    assert [x["server"] for x in r["rows"]] == ["bare grpc.aio server", "tensorwire"]
+    assert [x["server"] for x in r["rows"]] == [s.label for s in MANY_CONNECTIONS_SERVERS]
+    assert MANY_CONNECTIONS_SERVERS[0].label == "bare grpc.aio server"
     for row in r["rows"]:
         assert "error" not in row, row
         assert row["processes"] == 2 and row["throughput_rps"] > 0 and row["server_cpu_us_per_request"] > 0

@@ -18,10 +18,13 @@ def identity_model(tmp_path_factory):
 
 
 def test_measure_ceiling_rows_are_consistent(identity_model):
-    rows = ceiling.measure_ceiling(identity_model, [1, 8], [1], seconds=0.1, replicas=[1, 2], repeats=2,
-                                   warmup_seconds=0.02)
-    assert [(r["threads"], r["replicas"], r["batch_size"]) for r in rows] == [(1, 1, 1), (1, 1, 8), (1, 2, 1),
-                                                                             (1, 2, 8)]
+    rows = ceiling.measure_ceiling(identity_model, [1, 8], [1], seconds=0.1, replicas=[1, 2], repeats=2, warmup_s=0.02)
+    assert [(r["threads"], r["replicas"], r["batch_size"]) for r in rows] == [
+        (1, 1, 1),
+        (1, 1, 8),
+        (1, 2, 1),
+        (1, 2, 8),
+    ]
     for row in rows:
         assert row["model"] == "identity"
         assert row["calls"] > 10 and row["repeats"] == 2
@@ -33,8 +36,25 @@ def test_measure_ceiling_rows_are_consistent(identity_model):
 
 def test_cli_markdown_and_json(identity_model, tmp_path, capsys):
     out = tmp_path / "rows.json"
-    assert ceiling.main(["--model", str(identity_model), "--batch-sizes", "1,4", "--threads", "1",
-                         "--seconds", "0.05", "--repeats", "1", "--json", str(out)]) == 0
+    assert (
+        ceiling.main(
+            [
+                "--model",
+                str(identity_model),
+                "--batch-sizes",
+                "1,4",
+                "--threads",
+                "1",
+                "--seconds",
+                "0.05",
+                "--repeats",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert table.startswith("| model | threads | replicas | batch |")
     assert table.count("\n| identity | 1 | 1 |") == 2

@@ -17,6 +17,7 @@ import pytest
 from infer_helpers import infer_request
 from model_factory import onnx_identity, python_model
 from ops_models import garbage_onnx
+from polling import wait_for
 from serving import call, running_server
 
 from tensorwire.proto import inference_pb2 as pb
@@ -75,15 +76,6 @@ def sleep_request(model: str, ms: float = 0.0) -> pb.ModelInferRequest:
 def index(channel, name: str) -> dict[str, tuple[str, str]]:
     rows = call(channel, "RepositoryIndex", pb.RepositoryIndexRequest()).models
     return {m.version: (m.state, m.reason) for m in rows if m.name == name}
-
-
-def wait_for(check, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def wait_live(channel) -> None:

@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from byom_models import densenet_pbtxt
 
 from tensorwire.repository import (
     BACKENDS,
@@ -253,29 +254,7 @@ def test_config_tensors_of_full_rank_mean_no_batch_dimension():
 # ------------------------------------------------------------------ Triton's config.pbtxt
 
 #: Triton quickstart's densenet_onnx configuration (shape of the real one: fixed batch of 1 through reshape).
-DENSENET = """\
-name: "densenet_onnx"
-platform: "onnxruntime_onnx"
-max_batch_size : 0
-input [
-  {
-    name: "data_0"
-    data_type: TYPE_FP32
-    format: FORMAT_NCHW
-    dims: [ 3, 224, 224 ]
-    reshape { shape: [ 1, 3, 224, 224 ] }
-  }
-]
-output [
-  {
-    name: "fc6_1"
-    data_type: TYPE_FP32
-    dims: [ 1000 ]
-    reshape { shape: [ 1, 1000, 1, 1 ] }
-    label_filename: "densenet_labels.txt"
-  }
-]
-"""
+DENSENET = densenet_pbtxt(3, 224, 1000)
 
 #: Every setting the reader honours, in Triton's own spellings (lists with and without colons, <> blocks).
 SIMPLE = """\

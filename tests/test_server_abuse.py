@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -13,8 +12,7 @@ import numpy as np
 import pytest
 from infer_helpers import infer_request
 from model_factory import onnx_identity, python_model
-from prometheus_client.parser import text_string_to_metric_families
-from serving import call, running_server
+from serving import call, running_server, scrape
 
 from tensorwire.proto import inference_pb2 as pb
 from tensorwire.proto.service import METHODS
@@ -39,16 +37,6 @@ def big_request(request_id: str = "") -> pb.ModelInferRequest:
 
 REQUEST_BYTES = big_request().ByteSize()
 BUDGET = 4 * REQUEST_BYTES  # four requests without an id fit exactly
-
-
-def scrape(server) -> dict[tuple[str, tuple], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def refused(samples, method: str, reason: str) -> float:

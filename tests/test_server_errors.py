@@ -203,7 +203,7 @@ def test_backend_failure_is_internal_and_fails_only_that_request(server):
 
 def test_model_loading_is_unavailable(server):
     repo = server.extra["repo"]
-    sleeper_model(repo, name="slow_loader", init_seconds=3.0)
+    sleeper_model(repo, name="slow_loader", init_s=3.0)
     loader = threading.Thread(
         target=lambda: call(
             server.channel(),

@@ -10,7 +10,6 @@ Kubernetes' httpGet probe (scheme HTTPS, no client certificate, no token) must s
 from __future__ import annotations
 
 import signal
-import time
 
 import grpc
 import numpy as np
@@ -20,6 +19,7 @@ from client_models import make_certificates
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from infer_helpers import infer_request, sleeper_request
 from model_factory import onnx_identity, sleeper_model
+from polling import wait_for
 from serving import call, running_server
 
 from tensorwire.proto import inference_pb2 as pb
@@ -37,26 +37,19 @@ def http_status(server, path: str) -> int:
     return requests.get(f"http://{server.http_address}{path}", timeout=5).status_code
 
 
-def wait_for(predicate, timeout_s: float = 60.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except (grpc.RpcError, requests.ConnectionError):
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+def up(predicate, timeout_s: float = 60.0) -> bool:
+    """``wait_for`` a server state; a refused connection or a failing call counts as not there yet."""
+    return wait_for(predicate, timeout_s, interval_s=0.05, ignore=(grpc.RpcError, requests.ConnectionError))
 
 
 def test_live_but_not_ready_while_a_model_loads(tmp_path):
     repo = tmp_path / "models"
-    sleeper_model(repo, "slow", init_seconds=8.0)
+    sleeper_model(repo, "slow", init_s=8.0)
     onnx_identity(repo, "fast", dims=[4], max_batch_size=4, warmup="none")
     with running_server(repo, "--drain-seconds", "0", http=True, wait=False) as server:
         with server.channel() as channel:
-            wait_for(lambda: call(channel, "ServerLive", pb.ServerLiveRequest(), timeout=2).live, what="gRPC up")
-            wait_for(lambda: http_status(server, "/v2/health/live") == 200, what="HTTP up")
+            assert up(lambda: call(channel, "ServerLive", pb.ServerLiveRequest(), timeout=2).live), "gRPC up"
+            assert up(lambda: http_status(server, "/v2/health/live") == 200), "HTTP up"
             # loading: live on both transports, not ready on either
             assert grpc_health(channel, "") == SERVING
             assert grpc_health(channel, SERVICE_NAME) == NOT_SERVING
@@ -65,11 +58,11 @@ def test_live_but_not_ready_while_a_model_loads(tmp_path):
             assert http_status(server, "/v2/health/ready") == 400
             assert http_status(server, "/v2/models/slow/ready") == 400
             # models load one at a time, in name order: "fast" serves while "slow" is still loading
-            wait_for(lambda: grpc_health(channel, "fast") == SERVING, what="fast model SERVING")
+            assert up(lambda: grpc_health(channel, "fast") == SERVING), "fast model SERVING"
             x = np.ones((1, 4), np.float32)
             call(channel, "ModelInfer", infer_request("fast", {"INPUT0": x}))
             assert server.process.poll() is None
-            wait_for(lambda: grpc_health(channel, SERVICE_NAME) == SERVING, what="ready")
+            assert up(lambda: grpc_health(channel, SERVICE_NAME) == SERVING), "ready"
             assert http_status(server, "/v2/health/ready") == 200
             assert grpc_health(channel, "") == SERVING and grpc_health(channel, "slow") == SERVING
 
@@ -81,7 +74,7 @@ def test_live_but_not_ready_while_draining(tmp_path):
         with server.channel() as channel:
             assert grpc_health(channel, SERVICE_NAME) == SERVING
             server.process.send_signal(signal.SIGTERM)
-            wait_for(lambda: grpc_health(channel, SERVICE_NAME) == NOT_SERVING, 2.0, "readiness to flip")
+            assert up(lambda: grpc_health(channel, SERVICE_NAME) == NOT_SERVING, 2.0), "readiness to flip"
             # within the drain window: live, not ready, still serving on both transports
             assert grpc_health(channel, "") == SERVING
             assert grpc_health(channel, "sleeper") == NOT_SERVING
@@ -114,7 +107,7 @@ def test_https_probes_work_with_mutual_tls(tmp_path, certs):
     tls = ["--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key), "--tls-client-ca", str(certs.ca)]
     with running_server(repo, *tls, "--drain-seconds", "0", http=True, wait=False) as server:
         base = f"https://localhost:{server.http_port}"
-        wait_for(lambda: requests.get(base + "/v2/health/ready", verify=str(certs.ca), timeout=5).ok, 90, "ready")
+        assert up(lambda: requests.get(base + "/v2/health/ready", verify=str(certs.ca), timeout=5).ok, 90), "ready"
         # what the kubelet does: HTTPS without verifying the server and without a client certificate
         assert requests.get(base + "/v2/health/live", verify=False, timeout=5).status_code == 200
         refused = requests.get(base + "/v2/models/identity", verify=str(certs.ca), timeout=5)

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from model_factory import onnx_identity, write_config
 from ops_models import add_version_atomically, decode, garbage_onnx, request, snapshot
+from polling import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from serving import call, running_server
 
@@ -355,14 +356,6 @@ def test_poll_reloads_changed_model(tmp_path_factory):
     onnx_identity(repo, "doomed", dims=[16], max_batch_size=8)
     onnx_identity(repo, "fixable", dims=[16], max_batch_size=8)
     write_config(repo, "fixable", {"backend": "onnxruntime", "max_batch_size": 8, "max_batch": 4})
-
-    def wait_for(check, timeout: float = 15.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while not check():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.1)
-        return True
 
     def versions(name: str) -> list[str]:
         return list(call(ch, "ModelMetadata", pb.ModelMetadataRequest(name=name)).versions)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,8 +18,8 @@ import pytest
 from infer_helpers import infer_request
 from model_factory import onnx_identity, python_model
 from ops_models import add_version_atomically
-from prometheus_client.parser import text_string_to_metric_families
-from serving import call, running_server
+from polling import wait_for
+from serving import call, running_server, scrape
 
 from tensorwire.proto import inference_pb2 as pb
 from tensorwire.proto.service import METHODS
@@ -85,16 +84,6 @@ def send(channel, model: str, rows: int, value: float = 1.0, datatype: str = "FP
 
 def statistics(channel, model: str) -> pb.ModelStatistics:
     return call(channel, "ModelStatistics", pb.ModelStatisticsRequest(name=model)).model_stats[0]
-
-
-def scrape(server) -> dict[tuple[str, tuple], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def series(samples, name: str, **labels: str) -> float:
@@ -179,15 +168,6 @@ def test_statistics_survive_a_reload_of_the_same_version(server):
         later = statistics(channel, "reloaded")
     assert later.inference_stats.success.count == 8 and later.inference_count == 16
     assert_prometheus_agrees(server, later)
-
-
-def wait_for(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
 
 
 def test_series_of_an_unloaded_model_and_of_a_retired_version_are_removed(server):

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.request
 
 import grpc
 import numpy as np
 import pytest
 from infer_helpers import infer_request, outputs_of, sleeper_request
-from model_factory import executed_ids, onnx_identity, sleeper_model, wait_started
-from prometheus_client.parser import text_string_to_metric_families
-from serving import call, running_server, wait_pending
+from model_factory import executed_ids, onnx_identity, sleeper_model
+from polling import wait_for
+from serving import call, running_server, scrape, wait_pending
 
 from tensorwire.proto import inference_pb2 as pb
 from tensorwire.proto.service import METHODS
@@ -44,16 +43,6 @@ def identity(request_id: str, value: float = 1.0) -> bytes:
     return infer_request(
         "identity", {"INPUT0": np.full((1, 4), value, np.float32)}, request_id=request_id
     ).SerializeToString()
-
-
-def scrape(server) -> dict[tuple[str, tuple], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def test_an_unparsable_message_ends_the_stream_with_a_status_after_the_answers_before_it(server):
@@ -102,22 +91,25 @@ def test_requests_queued_when_the_stream_ends_never_run(server):
     before = scrape(server)
     with server.channel() as channel:
         blocker = call_in_thread(channel, sleeper_request(7001, sleep_ms=2500))
-        wait_started(log, 7001)  # the only replica is busy for 2.5 s
+        assert wait_for(lambda: 7001 in executed_ids(log), timeout_s=10)  # the only replica is busy for 2.5 s
         queued = [sleeper_request(i).SerializeToString() for i in (7002, 7003, 7004)]
         with pytest.raises(grpc.RpcError) as caught:
             list(open_stream(channel, queued, timeout=1.0))
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         blocker.join(10)
-        run_after(channel, 7005)
+
+    def failed() -> float:
+        return sum(
+            value - before.get(key, 0.0)
+            for key, value in scrape(server).items()
+            if key[0] == "tensorwire_request_failure_total" and ("model", "sleeper") in key[1]
+        )
+
+    assert wait_for(lambda: failed() >= 3, timeout_s=10)
+    time.sleep(0.3)  # a fourth failure, or a withdrawn request that ran after all, would show by now
+    assert failed() == 3
     ran = executed_ids(log)
     assert 7001 in ran and not {7002, 7003, 7004} & set(ran)
-    after = scrape(server)
-    failed = sum(
-        value - before.get(key, 0.0)
-        for key, value in after.items()
-        if key[0] == "tensorwire_request_failure_total" and ("model", "sleeper") in key[1]
-    )
-    assert failed == 3
 
 
 def test_each_streamed_request_carries_the_calls_deadline(server):
@@ -125,8 +117,8 @@ def test_each_streamed_request_carries_the_calls_deadline(server):
     dropped with the call; it never runs after the call is over."""
     log = server.extra["log"]
     with server.channel() as channel:
-        blocker = call_in_thread(channel, sleeper_request(7101, sleep_ms=2500))
-        wait_started(log, 7101)  # the only replica is busy for 2.5 s: 7102 waits past its 0.8 s
+        blocker = call_in_thread(channel, sleeper_request(7101, sleep_ms=2000))
+        assert wait_for(lambda: 7101 in executed_ids(log), timeout_s=10)  # the only replica is busy for 2 s
         stream = open_stream(channel, [sleeper_request(7102).SerializeToString()], timeout=0.8)
         with pytest.raises(grpc.RpcError) as caught:
             list(stream)
@@ -156,7 +148,7 @@ def test_a_request_read_while_the_stream_window_is_full_never_runs_after_a_cance
     ids = list(range(10_000, 11_100))  # 1,100 requests: more than the 1,024-request window
     with running_server(repo) as srv, srv.channel() as channel:
         blocker = call_in_thread(channel, sleeper_request(9_999, sleep_ms=6000))
-        wait_started(log, 9_999)
+        assert wait_for(lambda: 9_999 in executed_ids(log), timeout_s=10)  # the only replica is busy for 6 s
         stream = open_stream(channel, [sleeper_request(i).SerializeToString() for i in ids], timeout=60)
         # the window's 1,024 requests and the one read past it are queued, none answered
         wait_pending(srv, "sleeper", 1025)

@@ -5,14 +5,14 @@ through the same launcher as ``fit``; the results go through export, quantize an
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from cli_runs import digits_cnn, run_cli, run_cli_ok
 
 from tensorwire.repository import load_model_config
 from tensorwire.trainer.artifacts import accuracy, load_trained, onnx_session, predict_onnx, splits_of
@@ -22,61 +22,24 @@ from tensorwire.trainer.structure import count_nonzero, count_parameters
 pytestmark = pytest.mark.slow
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``tensorwire ARGS`` in a fresh interpreter, with a timeout (a DDP hang must fail, not stall)."""
-    return subprocess.run(
-        [sys.executable, "-m", "tensorwire.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-
-
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory) -> RunFolder:
     """A digits CNN (width 16) trained with 2 DDP processes: the model to compress."""
     run = tmp_path_factory.mktemp("compress") / "parent"
-    result = run_cli(
-        "fit",
-        "--data",
-        "digits",
-        "--model",
-        "cnn",
-        "--model-arg",
-        "width=16",
-        "--epochs",
-        "6",
-        "--nproc-per-node",
-        "2",
-        "--run",
-        str(run),
-        "--no-progress",
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_cli_ok("fit", *digits_cnn(16), "--epochs", "6", "--run", str(run), "--no-progress")
     return RunFolder.at(run)
+
+
+def prune(parent: RunFolder, run: Path, *args: str) -> subprocess.CompletedProcess:
+    """``tensorwire prune`` of ``parent`` into ``run`` with ``args``; 2 fine-tuning epochs, 2 DDP processes."""
+    common = ["--finetune-epochs", "2", "--nproc-per-node", "2", "--no-progress"]
+    return run_cli_ok("prune", "--source", str(parent.root), "--run", str(run), *args, *common)
 
 
 @pytest.fixture(scope="module")
 def pruned(parent) -> tuple[RunFolder, subprocess.CompletedProcess]:
     run = parent.root.parent / "pruned"
-    result = run_cli(
-        "prune",
-        "--source",
-        str(parent.root),
-        "--run",
-        str(run),
-        "--keep",
-        "0.4",
-        "--steps",
-        "2",
-        "--finetune-epochs",
-        "2",
-        "--nproc-per-node",
-        "2",
-        "--no-progress",
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = prune(parent, run, "--keep", "0.4", "--steps", "2")
     return RunFolder.at(run), result
 
 
@@ -143,25 +106,7 @@ def test_prune_warns_when_accuracy_fell_more_than_a_point(pruned):
 
 def test_unstructured_pruning_zeroes_weights_and_keeps_them_zero(parent, tmp_path):
     run = RunFolder.at(tmp_path / "sparse")
-    result = run_cli(
-        "prune",
-        "--source",
-        str(parent.root),
-        "--run",
-        str(run.root),
-        "--method",
-        "unstructured",
-        "--keep",
-        "0.3",
-        "--steps",
-        "1",
-        "--finetune-epochs",
-        "2",
-        "--nproc-per-node",
-        "2",
-        "--no-progress",
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = prune(parent, run.root, "--method", "unstructured", "--keep", "0.3", "--steps", "1")
     report = json.loads((run.root / "prune_report.json").read_text())
     model, _ = load_trained(run.best)
     parent_model, _ = load_trained(parent.best)

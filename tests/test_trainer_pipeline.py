@@ -12,10 +12,7 @@ over seeds 0-5 trained with AVX-512, AVX2 and SSE kernels (asserted >= 0.95), FP
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -23,6 +20,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from cli_runs import digits_cnn, run_cli
 
 from tensorwire.repository import (
     DynamicBatching,
@@ -49,33 +47,13 @@ from tensorwire.trainer.runfolder import RunFolder
 pytestmark = pytest.mark.slow
 
 
-def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """``tensorwire ARGS`` in a fresh interpreter, with a timeout (DDP hangs must fail, not stall CI)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "tensorwire.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    return result
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[RunFolder, Path, str]:
     root = tmp_path_factory.mktemp("pipeline")
     run, repo = root / "run", root / "models"
     result = run_cli(
         "train",
-        "--data",
-        "digits",
-        "--model",
-        "cnn",
-        "--model-arg",
-        "width=16",
-        "--nproc-per-node",
-        "2",
+        *digits_cnn(16),
         "--epochs",
         "10",
         "--patience",

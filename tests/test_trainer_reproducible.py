@@ -10,26 +10,18 @@ differs. Real 2-process DDP runs, each in its own interpreter with a timeout.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import digits_cnn, run_cli_ok
 
 pytestmark = pytest.mark.slow
 
 #: The default CNN with random-shift augmentation, shortened to 2 epochs.
 CNN = [
-    "--data",
-    "digits",
-    "--model",
-    "cnn",
-    "--model-arg",
-    "width=8",
-    "--nproc-per-node",
-    "2",
+    *digits_cnn(8),
     "--epochs",
     "2",
     "--seed",
@@ -42,15 +34,7 @@ BASELINE_ISA = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
 
 
 def fit(run: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "tensorwire.cli", "fit", "--run", str(run), *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, **(env or {})},
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
+    return run_cli_ok("fit", "--run", str(run), *args, timeout=240, env=env)
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import digits_cnn, run_cli_ok
 
 from tensorwire.trainer import cli
 
@@ -39,14 +40,7 @@ SMALL = [
 
 
 def fit(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "tensorwire.cli", "fit", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
+    return run_cli_ok("fit", *args, timeout=timeout)
 
 
 def epochs_logged(run: Path) -> list[int]:
@@ -104,14 +98,7 @@ def test_resume_after_the_job_was_killed(tmp_path):
     run = tmp_path / "run"
     epochs = 6
     args = [
-        "--data",
-        "digits",
-        "--model",
-        "cnn",
-        "--model-arg",
-        "width=8",
-        "--nproc-per-node",
-        "2",
+        *digits_cnn(8),
         "--epochs",
         str(epochs),
         "--patience",

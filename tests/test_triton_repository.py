@@ -21,35 +21,13 @@ import pytest
 
 # tritonclient (package `inference` in the default pool) is imported before ours (`tensorwire.v2`).
 import tritonclient.grpc as tritongrpc
-from byom_models import add_sub, densenet_like, touch_text, wait_settled
+from byom_models import add_sub, densenet_like, densenet_pbtxt, touch_text, wait_settled
 from google.protobuf import json_format, text_format
 from serving import running_server
 from tritonclient.grpc import model_config_pb2 as triton_config_pb
 from tritonclient.utils import InferenceServerException
 
-DENSENET = """\
-name: "densenet_onnx"
-platform: "onnxruntime_onnx"
-max_batch_size : 0
-input [
-  {
-    name: "data_0"
-    data_type: TYPE_FP32
-    format: FORMAT_NCHW
-    dims: [ 3, 8, 8 ]
-    reshape { shape: [ 1, 3, 8, 8 ] }
-  }
-]
-output [
-  {
-    name: "fc6_1"
-    data_type: TYPE_FP32
-    dims: [ 10 ]
-    reshape { shape: [ 1, 10, 1, 1 ] }
-    label_filename: "densenet_labels.txt"
-  }
-]
-"""
+DENSENET = densenet_pbtxt()
 
 SIMPLE = """\
 name: "simple"

@@ -29,8 +29,9 @@ import numpy as np
 import psutil
 import pytest
 from infer_helpers import infer_request, outputs_of, sleeper_request
-from model_factory import executed_ids, onnx_identity, sleeper_model, wait_started
-from serving import WORKERS_ENV, call, running_server, wait_pending
+from model_factory import executed_ids, onnx_identity, sleeper_model
+from polling import wait_for
+from serving import WORKERS_ENV, call, running_server
 
 from tensorwire.proto import inference_pb2 as pb
 from tensorwire.proto.service import METHODS
@@ -75,15 +76,6 @@ def sample(text: str, name: str, **labels: str) -> float | None:
 
 def frontend_pids(server) -> list[int]:
     return [p.pid for p in psutil.Process(server.pid).children() if "frontend_process" in " ".join(p.cmdline())]
-
-
-def wait_for(condition, timeout_s: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout_s} s")
 
 
 def gone(pid: int) -> bool:
@@ -144,7 +136,7 @@ def test_a_batch_forms_from_connections_on_different_front_ends(server, repo):
     before = scrape(server)
     try:
         blocker = infer_future(channels[0], sleeper_request(5000, sleep_ms=1500))
-        wait_started(repo / "sleeper.calls", 5000)  # the only replica is busy for 1.5 s
+        assert wait_for(lambda: 5000 in executed_ids(repo / "sleeper.calls"), timeout_s=30)  # the replica is busy
         futures = [infer_future(ch, sleeper_request(5001 + i)) for i, ch in enumerate(channels)]
         answers = [f.result() for f in futures]
         blocker.result()
@@ -183,7 +175,7 @@ def test_one_scrape_shows_the_engine_and_every_front_end(server):
     assert sample(text, "tensorwire_frontend_restarts_total") == 0
     assert sample(text, "process_resident_memory_bytes") > 10 * 2**20  # the engine process's own
     # Each front-end releases its share once gRPC has sent the answer (a moment after the client has it).
-    wait_for(lambda: sample(scrape(server), "tensorwire_inflight_bytes") == 0, timeout_s=5, what="budget released")
+    assert wait_for(lambda: sample(scrape(server), "tensorwire_inflight_bytes") == 0, timeout_s=5), "budget released"
 
 
 def test_every_front_end_answers_as_one_server(server):
@@ -214,9 +206,12 @@ def test_a_killed_front_end_is_restarted_and_its_queued_requests_never_run(repo)
         before = set(executed_ids(log))
         blocker_channel, victim_channel = channel_to(server), channel_to(server)
         blocker = infer_future(blocker_channel, sleeper_request(7000, sleep_ms=4000))
-        wait_started(log, 7000)  # the only replica is busy for 4 s
+        assert wait_for(lambda: 7000 in executed_ids(log), timeout_s=10), "the blocker running"
         victims = [infer_future(victim_channel, sleeper_request(7001 + i)) for i in range(3)]
-        wait_pending(server, "sleeper", 3)  # the three victims are queued
+        # queued in the engine behind the blocker, so sent and owned by one front-end's connection
+        assert wait_for(
+            lambda: sample(scrape(server), "tensorwire_pending_requests", model="sleeper") == 3, timeout_s=10
+        ), "the victims queued"
         # The front-end holding the victims' connection: its socket's peer is our end of that connection.
         ours = {c.laddr.port for c in psutil.Process().connections("tcp") if c.raddr and c.raddr.port == server.port}
         owner = next(
@@ -233,8 +228,12 @@ def test_a_killed_front_end_is_restarted_and_its_queued_requests_never_run(repo)
             blocker.result()
         except grpc.RpcError:
             pass  # the blocker may have been on the killed front-end too
-        wait_for(lambda: "event=frontend_exited" in server.log() and len(frontend_pids(server)) == 2, what="restart")
-        wait_for(lambda: server.log().count("event=frontend_listening") >= 3, what="the new front-end listening")
+        assert wait_for(
+            lambda: "event=frontend_exited" in server.log() and len(frontend_pids(server)) == 2, timeout_s=30
+        ), "restart"
+        assert wait_for(lambda: server.log().count("event=frontend_listening") >= 3, timeout_s=30), (
+            "the new front-end listening"
+        )
         with server.channel() as channel:
             assert call(channel, "ModelInfer", sleeper_request(7100)).id == "7100"
         executed = set(executed_ids(log)) - before
@@ -250,7 +249,7 @@ def test_a_killed_engine_ends_every_front_end(repo):
         pids = frontend_pids(server)
         assert len(pids) == 2
         os.kill(server.pid, signal.SIGKILL)
-        wait_for(lambda: all(gone(pid) for pid in pids), timeout_s=10, what="front-ends exiting")
+        assert wait_for(lambda: all(gone(pid) for pid in pids), timeout_s=10), "front-ends exiting"
         assert "event=engine_lost" in server.log()
 
 
@@ -259,13 +258,13 @@ def test_sigterm_finishes_accepted_work_and_stops_every_process(repo):
         pids = frontend_pids(server)
         channel = channel_to(server)
         accepted = infer_future(channel, sleeper_request(8001, sleep_ms=800))
-        wait_started(repo / "sleeper.calls", 8001)  # accepted and running
+        assert wait_for(lambda: 8001 in executed_ids(repo / "sleeper.calls"), timeout_s=30)  # accepted, running
         started = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         assert accepted.result().id == "8001"
         assert server.stop(sig=None, timeout=30) == 0
         assert time.monotonic() - started < 15
-        wait_for(lambda: all(gone(pid) for pid in pids), timeout_s=10, what="front-ends exiting")
+        assert wait_for(lambda: all(gone(pid) for pid in pids), timeout_s=10), "front-ends exiting"
         channel.close()
     log = server.log()
     assert "event=draining" in log and "event=stopped code=0" in log and "engine_lost" not in log

@@ -17,19 +17,12 @@ INPUT_NAME, OUTPUT_NAME = "INPUT0", "OUTPUT0"
 
 def load_trained(path: Path):
     """The eager model in eval mode, rebuilt from its stored spec, plus the checkpoint dict."""
-    from tensorwire.trainer.models import build_model
+    from tensorwire.trainer.models import build_from_spec
     from tensorwire.trainer.structure import apply_structure
 
     state = load_checkpoint(path)
     spec = state["model_spec"]
-    model = build_model(
-        spec["name"],
-        spec["input_shape"],
-        spec["num_classes"],
-        spec["kwargs"],
-        dropout=spec["dropout"],
-        standardize=spec["standardize"],
-    )
+    model = build_from_spec(spec)
     try:
         apply_structure(model, spec.get("structure"))
         model.load_state_dict(state["model"])

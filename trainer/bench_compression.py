@@ -353,7 +353,7 @@ def family_table(title: str, variants: Sequence[Variant]) -> list[str]:
 
 
 def targets(results: dict[str, list[Variant]]) -> list[str]:
-    """The issue's three targets, each with the measured value (only for the CNN, when it ran)."""
+    """The three targets, each with the measured value (only for the CNN, when it ran)."""
     rows = results.get("cnn")
     if not rows:
         return []
@@ -392,7 +392,7 @@ def compression_section(
     quick: bool = False,
     family_keys: Sequence[str] = ("cnn", "mlp", "transformer"),
     seconds: float | None = None,
-    served_seconds: float | None = None,
+    served_s: float | None = None,
     nproc: int | None = None,
     aoti: bool | None = None,
     work: Path | None = None,
@@ -403,7 +403,7 @@ def compression_section(
     from tensorwire.trainer.runfolder import load_checkpoint
 
     seconds = seconds if seconds is not None else (0.3 if quick else 3.0)
-    served_seconds = served_seconds if served_seconds is not None else (1.0 if quick else 4.0)
+    served_s = served_s if served_s is not None else (1.0 if quick else 4.0)
     nproc = nproc or (1 if quick else 2)
     aoti = (not quick and cxx_compiler() is not None) if aoti is None else aoti
     table = families(quick)
@@ -419,7 +419,7 @@ def compression_section(
             variants = build_variants(family, root, quick, nproc, aoti)
             test_x = splits_of(load_checkpoint(variants[0].run / "best.pt")).test.x
             measure_in_process(variants, test_x, seconds)
-            measure_served(variants, key, test_x, root, served_seconds)
+            measure_served(variants, key, test_x, root, served_s)
             results[key] = variants
     lines = [
         "## Compression: what each technique buys",
@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         quick=args.quick,
         family_keys=[k.strip() for k in args.families.split(",") if k.strip()],
         seconds=args.seconds,
-        served_seconds=args.served_seconds,
+        served_s=args.served_seconds,
         nproc=args.nproc_per_node,
         aoti=args.aoti,
         work=args.work,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from tensorwire.trainer.data import DataSpec
 from tensorwire.trainer.options import opt
@@ -11,7 +11,23 @@ RUN_HELP = "run folder: checkpoints, metrics log, exported models and reports"
 
 
 @dataclass
-class FitOptions:
+class LaunchOptions:
+    """How a DDP job starts (torchrun's elastic launcher options) and runs: fit's, prune's and distill's."""
+
+    nproc_per_node: int = opt(1, "worker processes on this machine (one per GPU on GPUs)", kind="int")
+    nnodes: str = opt("1", "number of machines, or MIN:MAX for elastic jobs", metavar="N")
+    node_rank: int = opt(-1, "this machine's rank, with a static rendezvous at --rdzv-endpoint", kind="int")
+    rdzv_endpoint: str = opt("", "HOST:PORT of the rendezvous (needed when --nnodes > 1)")
+    rdzv_id: str = opt("tensorwire", "job id shared by all machines of one run")
+    device: str = opt("auto", "where to train; auto = CUDA if present", choices=("auto", "cpu", "cuda"))
+    threads_per_rank: int = opt(1, "CPU threads per worker process", kind="int")
+    bf16: bool = opt(True, "bf16 autocast on GPU", kind="bool")
+    timeout: float = opt(300.0, "seconds before a stuck collective or rendezvous fails the job", kind="float")
+    progress: bool = opt(True, "progress bar on rank 0 (only on a terminal)", kind="bool")
+
+
+@dataclass
+class FitOptions(LaunchOptions):
     # data
     data: str = opt(
         "digits",
@@ -67,17 +83,6 @@ class FitOptions:
         "stop after this many epochs of this invocation, as if interrupted (resume later with --resume)",
         kind="int",
     )
-    progress: bool = opt(True, "progress bar on rank 0 (only on a terminal)", kind="bool")
-    # launch
-    nproc_per_node: int = opt(1, "worker processes on this machine (one per GPU on GPUs)", kind="int")
-    nnodes: str = opt("1", "number of machines, or MIN:MAX for elastic jobs", metavar="N")
-    node_rank: int = opt(-1, "this machine's rank, with a static rendezvous at --rdzv-endpoint", kind="int")
-    rdzv_endpoint: str = opt("", "HOST:PORT of the rendezvous (needed when --nnodes > 1)")
-    rdzv_id: str = opt("tensorwire", "job id shared by all machines of one run")
-    device: str = opt("auto", "where to train; auto = CUDA if present", choices=("auto", "cpu", "cuda"))
-    threads_per_rank: int = opt(1, "CPU threads per worker process", kind="int")
-    bf16: bool = opt(True, "bf16 autocast on GPU", kind="bool")
-    timeout: float = opt(300.0, "seconds before a stuck collective or rendezvous fails the job", kind="float")
 
     def data_spec(self) -> DataSpec:
         return data_spec_from(asdict(self))
@@ -195,22 +200,11 @@ class TrainOptions:
 
 
 #: The launcher options that prune and distill take as fit does.
-LAUNCH_FIELDS = (
-    "nproc_per_node",
-    "nnodes",
-    "node_rank",
-    "rdzv_endpoint",
-    "rdzv_id",
-    "device",
-    "threads_per_rank",
-    "bf16",
-    "timeout",
-    "progress",
-)
+LAUNCH_FIELDS = tuple(f.name for f in fields(LaunchOptions))
 
 
 @dataclass
-class PruneOptions:
+class PruneOptions(LaunchOptions):
     source: str = opt("", "run folder of the trained model to prune (its best.pt); required", metavar="DIR")
     run: str = opt("runs/pruned", "run folder for the pruned model (a normal run folder)", metavar="DIR")
     overwrite: bool = opt(False, "replace a run folder that already holds a checkpoint", kind="bool")
@@ -236,17 +230,6 @@ class PruneOptions:
     )
     lr: float = opt(0.0, "fine-tuning learning rate (default: a tenth of the parent's)", kind="float")
     batch_size: int = opt(0, "global fine-tuning batch (default: the parent's)", kind="int")
-    # launch (as fit)
-    nproc_per_node: int = opt(1, "worker processes on this machine (one per GPU on GPUs)", kind="int")
-    nnodes: str = opt("1", "number of machines, or MIN:MAX for elastic jobs", metavar="N")
-    node_rank: int = opt(-1, "this machine's rank, with a static rendezvous at --rdzv-endpoint", kind="int")
-    rdzv_endpoint: str = opt("", "HOST:PORT of the rendezvous (needed when --nnodes > 1)")
-    rdzv_id: str = opt("tensorwire", "job id shared by all machines of one run")
-    device: str = opt("auto", "where to train; auto = CUDA if present", choices=("auto", "cpu", "cuda"))
-    threads_per_rank: int = opt(1, "CPU threads per worker process", kind="int")
-    bf16: bool = opt(True, "bf16 autocast on GPU", kind="bool")
-    timeout: float = opt(300.0, "seconds before a stuck collective or rendezvous fails the job", kind="float")
-    progress: bool = opt(True, "progress bar on rank 0 (only on a terminal)", kind="bool")
 
 
 @dataclass

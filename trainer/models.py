@@ -14,6 +14,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -110,6 +111,23 @@ class ResNetCNN(nn.Module):
         return self.head(self.stages(self.stem(x)))
 
 
+def _check_heads(d_model: int, heads: int) -> None:
+    if d_model % heads:
+        raise TrainerError(f"model 'transformer': d_model {d_model} must be divisible by heads {heads}")
+
+
+def encoder_and_head(
+    d_model: int, heads: int, layers: int, ff: int, dropout: float, num_classes: int
+) -> tuple[nn.TransformerEncoder, nn.LayerNorm, nn.Linear]:
+    """What both Transformer families put after their embedding: ``layers`` pre-norm encoder layers over
+    (B, L, d_model) with ``heads`` heads and a feed-forward width ``ff``, then the final LayerNorm and the
+    linear head to ``num_classes`` logits (the caller pools between the two). Created in this order, so a
+    seed gives the same weights as before the families shared it."""
+    layer = nn.TransformerEncoderLayer(d_model, heads, ff, dropout, batch_first=True, norm_first=True)
+    encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+    return encoder, nn.LayerNorm(d_model), nn.Linear(d_model, num_classes)
+
+
 class TransformerClassifier(nn.Module):
     """Transformer encoder over tokens: (L, D) samples are L tokens; (C, H, W) images are H rows
     of C*W values; flat (F,) vectors are F one-value tokens. Mean-pooled, then a linear head."""
@@ -134,16 +152,12 @@ class TransformerClassifier(nn.Module):
             tokens, features = shape[1], shape[0] * shape[2]
         else:
             raise TrainerError(f"model 'transformer' takes samples of 1 to 3 dimensions; got {shape}")
-        if d_model % heads:
-            raise TrainerError(f"model 'transformer': d_model {d_model} must be divisible by heads {heads}")
+        _check_heads(d_model, heads)
         self.tokens, self.features = int(tokens), int(features)
         self.embed = nn.Linear(self.features, d_model)
         self.position = nn.Parameter(torch.zeros(1, self.tokens, d_model))
         nn.init.normal_(self.position, std=0.02)
-        layer = nn.TransformerEncoderLayer(d_model, heads, ff, dropout, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, num_classes)
+        self.encoder, self.norm, self.head = encoder_and_head(d_model, heads, layers, ff, dropout, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:  # (B, C, H, W) -> (B, H, C*W)
@@ -185,13 +199,9 @@ class SequenceTransformer(nn.Module):
         super().__init__()
         if len(input_shape) != 1:
             raise TrainerError(f"token data must be shaped (length,) per sample; got {list(input_shape)}")
-        if d_model % heads:
-            raise TrainerError(f"model 'transformer': d_model {d_model} must be divisible by heads {heads}")
+        _check_heads(d_model, heads)
         self.embed = nn.Embedding(int(vocab_size), d_model, padding_idx=0)
-        layer = nn.TransformerEncoderLayer(d_model, heads, ff, dropout, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, num_classes)
+        self.encoder, self.norm, self.head = encoder_and_head(d_model, heads, layers, ff, dropout, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first = torch.arange(x.shape[1], device=x.device)[None, :] == 0
@@ -307,6 +317,21 @@ def build_model(
     if standardize:
         model = nn.Sequential(Standardize(input_shape), model)
     return model
+
+
+def build_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """A fresh model (new weights) as a checkpoint's ``model_spec`` describes it: family ``name``,
+    ``input_shape`` (one sample, without the batch dimension), ``num_classes``, the family's ``kwargs``,
+    ``dropout`` and ``standardize``. A pruned model's ``structure`` is not applied here
+    (``tensorwire.trainer.structure.apply_structure``). Raises TrainerError as ``build_model`` does."""
+    return build_model(
+        spec["name"],
+        spec["input_shape"],
+        spec["num_classes"],
+        spec["kwargs"],
+        dropout=spec["dropout"],
+        standardize=spec["standardize"],
+    )
 
 
 def check_model(

@@ -92,14 +92,17 @@ def _convert(kind: str, value: Any, where: str) -> Any:
     raise TrainerError(f"{where}: expected {expected}, got {value!r}")
 
 
-def add_options(
-    parser: argparse.ArgumentParser, classes: Iterable[type], exclude: Iterable[str] = ()
-) -> None:
-    """Flags for every field of ``classes`` (a name shared by two classes becomes one flag)."""
+def add_options(parser: argparse.ArgumentParser, classes: Iterable[type], exclude: Iterable[str] = ()) -> None:
+    """Flags for every field of ``classes`` (a name shared by two classes becomes one flag), one group per
+    class; the fields a class inherits from another options dataclass come last, in that class's group."""
     seen: set[str] = set(exclude)
-    for cls in classes:
+    inherited = [base for cls in classes for base in cls.__mro__[1:] if dataclasses.is_dataclass(base)]
+    shared = {f.name for base in inherited for f in dataclasses.fields(base)}
+    own = [(cls, [f for f in dataclasses.fields(cls) if f.name not in shared]) for cls in classes]
+    groups = own + [(base, list(dataclasses.fields(base))) for base in dict.fromkeys(inherited)]
+    for cls, cls_fields in groups:
         group = parser.add_argument_group(f"{cls.__name__.removesuffix('Options').lower()} options")
-        for f in dataclasses.fields(cls):
+        for f in cls_fields:
             if f.name in seen:
                 continue
             seen.add(f.name)
@@ -111,9 +114,7 @@ def add_options(
             if meta["kind"] == "bool":
                 group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **common)
             elif meta["kind"] == "kv":
-                group.add_argument(
-                    _flag(f.name.removesuffix("s")), action="append", metavar="KEY=VALUE", **common
-                )
+                group.add_argument(_flag(f.name.removesuffix("s")), action="append", metavar="KEY=VALUE", **common)
             else:
                 group.add_argument(_flag(f.name), choices=meta["choices"], metavar=meta["metavar"], **common)
 
@@ -146,13 +147,9 @@ def check_config_keys(data: dict[str, Any], source: str, sections: dict[str, Ite
             known = {f.name for cls in sections[key] for f in dataclasses.fields(cls)}
             for sub in value:
                 if sub.replace("-", "_") not in known:
-                    raise TrainerError(
-                        f"{source}: unknown key '{key}.{sub}' (check its spelling and section)"
-                    )
+                    raise TrainerError(f"{source}: unknown key '{key}.{sub}' (check its spelling and section)")
         elif key.replace("-", "_") not in known_all:
-            raise TrainerError(
-                f"{source}: unknown key {key!r} (check its spelling, or put it in a [section])"
-            )
+            raise TrainerError(f"{source}: unknown key {key!r} (check its spelling, or put it in a [section])")
 
 
 def resolve(

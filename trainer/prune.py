@@ -160,7 +160,7 @@ def prune(opts: PruneOptions, explicit: set[str] | None = None) -> dict[str, Any
 
     from tensorwire.trainer.artifacts import load_trained
     from tensorwire.trainer.launch import fit
-    from tensorwire.trainer.models import build_model, example_input
+    from tensorwire.trainer.models import build_from_spec, example_input
     from tensorwire.trainer.structure import count_nonzero, count_parameters, structure_diff
 
     _check(opts)
@@ -186,14 +186,7 @@ def prune(opts: PruneOptions, explicit: set[str] | None = None) -> dict[str, Any
                 _structured_round(model, pruner, example, opts, share * start[opts.target])
             else:
                 _unstructured_round(model, 1 - share)
-        fresh = build_model(
-            spec["name"],
-            spec["input_shape"],
-            spec["num_classes"],
-            spec["kwargs"],
-            dropout=spec["dropout"],
-            standardize=spec["standardize"],
-        )
+        fresh = build_from_spec(spec)
         structure = structure_diff(fresh, model)
         save_checkpoint({"epoch": 0, "model": model.state_dict(), "config": state["config"], "model_spec": spec}, init)
         extra: dict[str, Any] = {"init_from": str(init.resolve())}

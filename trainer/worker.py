@@ -34,7 +34,7 @@ from tensorwire.trainer import training
 from tensorwire.trainer.config import data_spec_from
 from tensorwire.trainer.data import Split, Splits, load_splits
 from tensorwire.trainer.errors import TrainerError
-from tensorwire.trainer.models import build_model, model_kwargs
+from tensorwire.trainer.models import build_from_spec, model_kwargs
 from tensorwire.trainer.runfolder import RunFolder, load_checkpoint, save_checkpoint, write_json
 from tensorwire.trainer.structure import apply_structure
 
@@ -296,14 +296,7 @@ def build_job(ctx: Context, config: dict[str, Any]) -> Job:
     splits = load_splits(data_spec_from(config))
     spec = model_spec(config, splits)
     torch.manual_seed(config["seed"])  # identical initial weights on every rank
-    model = build_model(
-        spec["name"],
-        spec["input_shape"],
-        spec["num_classes"],
-        spec["kwargs"],
-        dropout=spec["dropout"],
-        standardize=spec["standardize"],
-    )
+    model = build_from_spec(spec)
     apply_structure(model, spec.get("structure"))
     if spec["standardize"]:
         _standardize(model, splits)

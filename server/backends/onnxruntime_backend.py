@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from tensorwire.proto.codec import float32_to_bf16_bits
+from tensorwire.repository.onnx_types import ONNX_DATATYPES
 from tensorwire.server.backends.base import Placement, RequestDataError, TensorInfo
 
 log = logging.getLogger("tensorwire.backend.onnxruntime")
@@ -41,25 +42,6 @@ def data_error(err: Exception) -> RequestDataError:
     return RequestDataError(message[:400])
 
 
-# ONNX Runtime type strings -> v2 datatypes.
-_ORT_TO_V2 = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(bfloat16)": "BF16",
-    "tensor(string)": "BYTES",
-}
-
-
 def _shape(dims: list) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in dims)
 
@@ -67,7 +49,7 @@ def _shape(dims: list) -> tuple[int, ...]:
 def _infos(args: list) -> list[TensorInfo]:
     infos = []
     for arg in args:
-        datatype = _ORT_TO_V2.get(arg.type)
+        datatype = ONNX_DATATYPES.get(arg.type)
         if datatype is None:
             raise ValueError(f"tensor {arg.name!r} has type {arg.type}, which tensorwire cannot serve")
         infos.append(TensorInfo(arg.name, datatype, _shape(arg.shape)))
