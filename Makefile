@@ -54,7 +54,7 @@ test: $(STAMP)
 perf-analyzer: $(STAMP)
 	bash loadtest/perf_analyzer.sh --setup-only
 
-# Regenerate BENCHMARKS.md from its named scenarios (~25 min; waits for a quiet machine); ONLY=name[,name]
+# Regenerate BENCHMARKS.md from its named scenarios (~45 min; waits for a quiet machine); ONLY=name[,name]
 # measures just those and keeps the others' last numbers. Raw numbers and logs go to .cache/benchmarks/.
 ONLY ?=
 bench: $(STAMP) perf-analyzer

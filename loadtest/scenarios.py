@@ -1009,7 +1009,7 @@ register(
         "Variable-length requests: the Transformer with padding on and off (lengths 8-128, concurrency 64)",
         variable_length.measure,
         variable_length.render,
-        minutes=3,
+        minutes=2,
     )
 )
 register(
@@ -1046,6 +1046,6 @@ register(
         "Trainer: model compression (pruning, distillation, INT8)",
         "tensorwire.trainer.bench_compression",
         quick_args=("--quick",),
-        minutes=4,
+        minutes=11,
     )
 )
