@@ -204,7 +204,15 @@ def test_a_killed_front_end_is_restarted_and_its_queued_requests_never_run(repo)
     with running_server(repo, *WORKERS) as server:
         log = repo / "sleeper.calls"
         before = set(executed_ids(log))
-        blocker_channel, victim_channel = channel_to(server), channel_to(server)
+
+        def our_ports() -> set[int]:
+            """Local ports of this process's connections to the server's gRPC port."""
+            connections = psutil.Process().connections("tcp")
+            return {c.laddr.port for c in connections if c.raddr and c.raddr.port == server.port}
+
+        blocker_channel = channel_to(server)
+        blocker_ports = our_ports()
+        victim_channel = channel_to(server)  # connects at once: its own TCP connection
         blocker = infer_future(blocker_channel, sleeper_request(7000, sleep_ms=4000))
         assert wait_for(lambda: 7000 in executed_ids(log), timeout_s=10), "the blocker running"
         victims = [infer_future(victim_channel, sleeper_request(7001 + i)) for i in range(3)]
@@ -212,8 +220,10 @@ def test_a_killed_front_end_is_restarted_and_its_queued_requests_never_run(repo)
         assert wait_for(
             lambda: sample(scrape(server), "tensorwire_pending_requests", model="sleeper") == 3, timeout_s=10
         ), "the victims queued"
-        # The front-end holding the victims' connection: its socket's peer is our end of that connection.
-        ours = {c.laddr.port for c in psutil.Process().connections("tcp") if c.raddr and c.raddr.port == server.port}
+        # The front-end holding the victims' connection (not the blocker's, which may be another front-end):
+        # its socket's peer is our end of that connection.
+        ours = our_ports() - blocker_ports
+        assert ours, "the victims' connection"
         owner = next(
             pid
             for pid in frontend_pids(server)
